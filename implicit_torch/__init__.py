@@ -1,0 +1,46 @@
+"""implicit_torch: automatic implicit differentiation of optimization problems in PyTorch.
+
+Write a forward solver and an optimality condition ``F(x, *params) = 0`` its solution
+satisfies; the solution becomes differentiable in ``params`` through the implicit function
+theorem (Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022).
+"""
+
+from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
+from implicit_torch._implicit_diff import (
+    custom_fixed_point,
+    custom_root,
+    implicit_solve,
+    root_jvp,
+    root_vjp,
+)
+from implicit_torch.linear_solve import (
+    SolveInfo,
+    solve_auto,
+    solve_bicgstab,
+    solve_cg,
+    solve_cholesky,
+    solve_gmres,
+    solve_lu,
+    solve_normal_cg,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "IndefiniteSystemError",
+    "SolveInfo",
+    "custom_fixed_point",
+    "custom_root",
+    "implicit_solve",
+    "root_jvp",
+    "root_vjp",
+    "solve_auto",
+    "solve_bicgstab",
+    "solve_cg",
+    "solve_cholesky",
+    "solve_gmres",
+    "solve_lu",
+    "solve_normal_cg",
+]

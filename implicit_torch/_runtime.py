@@ -1,0 +1,61 @@
+"""What the current execution context allows: data-dependent control flow or not.
+
+Iterative loops stop early by reading a convergence flag on the host every few iterations.
+That is impossible under ``torch.func.vmap`` (a batched tensor has no single truth value) and
+would break a ``torch.compile`` graph, so there the loops run their full, masked iteration
+count instead. Results are the same either way: converged systems are frozen by masking.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._C import _functorch
+
+from implicit_torch._tree import tree_map
+
+
+def under_vmap() -> bool:
+    """True inside any level of ``torch.func.vmap``."""
+    stack = _functorch.get_interpreter_stack()
+    if not stack:
+        return False
+    return any(level.key() == _functorch.TransformType.Vmap for level in stack)
+
+
+def can_inspect_values() -> bool:
+    """True when Python may branch on a tensor's value (no vmap, not being compiled)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not under_vmap()
+
+
+def check_interval(device: torch.device) -> int:
+    """Iterations between host-side convergence checks.
+
+    On the CPU a check costs a few nanoseconds, so loops stop as soon as every system has
+    converged. On an accelerator each check waits for the device, so it happens every 10
+    iterations; the masked extra iterations leave converged systems unchanged.
+    """
+    return 1 if device.type == "cpu" else 10
+
+
+def forward_ad_blocks_func_jvp() -> bool:
+    """True when ``torch.func.jvp`` cannot run: inside a ``torch.autograd.forward_ad`` dual
+    level opened outside torch.func (as ``gradcheck(check_forward_ad=True)`` does), where
+    torch refuses to nest forward-mode AD."""
+    from torch._functorch import eager_transforms
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0 and getattr(eager_transforms, "JVP_NESTING", 0) == 0
+
+
+def jvp(fn, primals: tuple, tangents: tuple):
+    """``(fn(*primals), J·tangents)``, by ``torch.func.jvp`` or, where forward mode cannot
+    nest, as the transpose of a vector-Jacobian product (``J t = (u ↦ Jᵀu)ᵀ t``, two reverse
+    passes)."""
+    if not forward_ad_blocks_func_jvp():
+        return torch.func.jvp(fn, primals, tangents)
+    out, vjp_fn = torch.func.vjp(fn, *primals)
+    zeros = tree_map(torch.zeros_like, out)
+    _, transpose = torch.func.vjp(vjp_fn, zeros)
+    return out, transpose(tangents)[0]

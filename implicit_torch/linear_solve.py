@@ -1,0 +1,643 @@
+"""Linear solvers for the implicit-differentiation engine.
+
+Every solver has the signature ``solve_X(matvec, b, *, init=None, ridge=None, tol=None,
+atol=0.0, maxiter=None, M=None, batched=False, on_failure="warn", return_info=False)`` and
+returns ``x`` (a pytree shaped like ``b``) with ``A x = b``, where ``A`` is the linear map
+``matvec`` (a function from pytrees shaped like ``b`` to pytrees shaped like ``b``).
+
+Conventions, shared by all solvers:
+
+* ``ridge=r`` solves ``(A + r I) x = b`` (``solve_normal_cg``: ``(AᵀA + r I) x = Aᵀ b``).
+* Convergence of system ``i``: ``‖b_i − A x_i‖ ≤ max(tol · ‖b_i‖, atol)``. ``tol=None`` means
+  1e-10 for float64 and 1e-5 for lower precisions.
+* ``batched=True``: dim 0 of every leaf of ``b`` indexes independent systems and ``matvec`` is
+  block diagonal (output ``i`` depends on input ``i`` only). Step sizes, inner products and the
+  convergence test are then per system: a converged system is frozen while the others go on.
+* ``M`` is a preconditioner, a callable approximating ``A⁻¹`` (same pytree in and out).
+* ``init`` is a warm start for the iterative solvers; the dense solvers ignore it and ``M``.
+* No host synchronisation happens inside the iteration loops except a cheap convergence check
+  (every iteration on the CPU, every 10 on an accelerator) that lets the loop stop early; under
+  ``torch.func.vmap`` or ``torch.compile`` the loops run all ``maxiter`` iterations, masked.
+* All operations are differentiable torch ops, but do not differentiate *through* these loops:
+  the engine wraps each solve in an implicit linear solve whose derivatives are exact.
+* Failure: a solve that misses its tolerance, meets non-positive curvature (CG) or breaks down
+  warns with :class:`ConvergenceWarning` (``on_failure="warn"``, the default), raises
+  :class:`ConvergenceError` (``"raise"``) or stays silent (``"ignore"``). The check needs to read
+  values, so it is skipped under vmap and compile.
+* ``return_info=True`` returns ``(x, SolveInfo)`` with per-system iterations, the final
+  residual norm ``‖b − A x‖`` and a converged flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from implicit_torch import _runtime
+from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
+from implicit_torch._tree import Raveler
+
+__all__ = [
+    "SolveInfo",
+    "solve_cg",
+    "solve_normal_cg",
+    "solve_gmres",
+    "solve_bicgstab",
+    "solve_lu",
+    "solve_cholesky",
+    "solve_auto",
+    "get_solver",
+]
+
+Tensor = torch.Tensor
+Flat = Callable[[Tensor], Tensor]
+
+# Direct solves form the (B, N, N) matrix with N matvecs. Up to this many unknowns per system
+# (and this many matrix entries in all), "auto" prefers that: it is exact, indifferent to
+# conditioning and symmetry, and N batched matvecs cost about what an iterative solve of a
+# moderately conditioned system does.
+AUTO_DENSE_MAX_N = 256
+AUTO_DENSE_MAX_ENTRIES = 2**24
+# Batched LU on the CPU with several threads fails for n >= 160 in recent torch releases
+# (pytorch issue 142815: "Pivots given to lu_solve must all be greater or equal to 1", or a
+# hang). Such solves run on one thread.
+_CPU_BATCHED_LU_SAFE_N = 160
+
+
+@dataclasses.dataclass
+class SolveInfo:
+    """Diagnostics of a linear solve (one entry per system when batched, 0-d otherwise).
+
+    Attributes:
+        iterations: iterations run (matvecs for CG/GMRES, double-matvec steps for BiCGSTAB,
+            0 for the dense solvers), int64.
+        residual_norm: ``‖b − A x‖`` of the returned ``x`` (with the ridge, when given).
+        converged: whether the system met ``max(tol · ‖b‖, atol)``.
+        indefinite: CG only: the system showed non-positive (or sign-changing) curvature.
+        method: the solver that produced ``x`` ("cg", "gmres", ...).
+    """
+
+    iterations: Tensor
+    residual_norm: Tensor
+    converged: Tensor
+    indefinite: Tensor | None
+    method: str
+
+
+# --------------------------------------------------------------------------------------------
+# The flat system shared by all solvers
+# --------------------------------------------------------------------------------------------
+
+
+class _FlatSystem:
+    """``matvec``, ``b``, ``init`` and ``M`` in the solvers' ``(B, N)`` representation."""
+
+    def __init__(self, matvec, b, init, ridge, M, batched, tol, atol):
+        self.raveler = Raveler(b, batched, what="the right-hand side b")
+        self.batched = batched
+        self.b = self.raveler.ravel(b, "b")
+        self._matvec = matvec
+        self.ridge = ridge
+        self._M = M
+        self.init_given = init is not None
+        self.x0 = (torch.zeros_like(self.b) if init is None
+                   else self.raveler.ravel(init, "init").detach().to(self.b.dtype))
+        if tol is None:
+            tol = 1e-10 if self.b.dtype == torch.float64 else 1e-5
+        if tol < 0 or atol < 0:
+            raise ValueError(f"tol and atol must be non-negative, got tol={tol}, atol={atol}")
+        self.tol, self.atol = tol, atol
+        self.bnorm = _norm(self.b)
+        self.threshold = torch.clamp(tol * self.bnorm, min=atol)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.b.shape)
+
+    def A(self, v: Tensor) -> Tensor:
+        out = self.raveler.ravel(self._matvec(self.raveler.unravel(v)), "the output of matvec")
+        return out if self.ridge is None else out + self.ridge * v
+
+    def M(self, v: Tensor) -> Tensor:
+        if self._M is None:
+            return v
+        return self.raveler.ravel(self._M(self.raveler.unravel(v)), "the output of M")
+
+    def residual_norm(self, x: Tensor) -> Tensor:
+        return _norm(self.b - self.A(x))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(dim=1)
+
+
+def _norm(a: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(a, dim=1)
+
+
+def _col(v: Tensor) -> Tensor:
+    return v.unsqueeze(1)
+
+
+def _safe_div(num: Tensor, den: Tensor, ok: Tensor) -> Tensor:
+    """``num / den`` where ``ok``, 0 elsewhere (never divides by zero, so no NaN leaks)."""
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _all_done(active: Tensor, step: int, interval: int, inspect: bool) -> bool:
+    return inspect and step % interval == 0 and not bool(active.any())
+
+
+# --------------------------------------------------------------------------------------------
+# Iterative solvers on flat systems. Each returns (x, iterations, converged, indefinite|None).
+# --------------------------------------------------------------------------------------------
+
+
+def _cg(sys: _FlatSystem, maxiter: int):
+    """Preconditioned conjugate gradient, one step size per system.
+
+    Works for symmetric definite systems of either sign (CG on ``−A`` has the same iterates).
+    A curvature ``pᵀAp`` that is zero or changes sign marks the system indefinite and freezes it.
+    """
+    x = sys.x0
+    r = sys.b - sys.A(x) if sys.init_given else sys.b  # skip a matvec for the zero start
+    z = sys.M(r)
+    p = z
+    rz = _dot(r, z)
+    active = _norm(r) > sys.threshold
+    iters = torch.zeros(sys.shape[0], dtype=torch.int64, device=x.device)
+    indefinite = torch.zeros_like(active)
+    sign = torch.zeros_like(rz)
+    inspect, interval = _runtime.can_inspect_values(), _runtime.check_interval(x.device)
+    for k in range(maxiter):
+        if _all_done(active, k, interval, inspect):
+            break
+        Ap = sys.A(p)
+        pAp = _dot(p, Ap)
+        sign = torch.where(sign == 0, torch.sign(pAp), sign)
+        bad = active & ((pAp == 0) | (torch.sign(pAp) != sign))
+        step = active & ~bad
+        alpha = _safe_div(rz, pAp, step)
+        x = x + _col(alpha) * p
+        r = r - _col(alpha) * Ap
+        z = sys.M(r)
+        rz_new = _dot(r, z)
+        beta = _safe_div(rz_new, rz, step)
+        p = torch.where(_col(step), z + _col(beta) * p, p)
+        rz = torch.where(step, rz_new, rz)
+        iters = iters + step.to(iters.dtype)
+        indefinite = indefinite | bad
+        active = step & (_norm(r) > sys.threshold)
+    converged = (_norm(r) <= sys.threshold) & ~indefinite
+    return x, iters, converged, indefinite
+
+
+def _gmres(sys: _FlatSystem, maxiter: int, restart: int):
+    """Restarted GMRES with right preconditioning, per-system least squares and convergence.
+
+    Arnoldi uses classical Gram-Schmidt applied twice (CGS2: as stable as modified GS, and
+    made of batched matrix products). The small least-squares problem of each cycle is solved
+    by QR; a (happy) breakdown leaves zero columns, whose unknowns are set to zero.
+    ``maxiter`` counts Arnoldi steps (matvecs) in all cycles together.
+    """
+    B, N = sys.shape
+    x = sys.x0
+    r = sys.b - sys.A(x)
+    res = _norm(r)
+    active = res > sys.threshold
+    iters = torch.zeros(B, dtype=torch.int64, device=x.device)
+    inspect = _runtime.can_inspect_values()
+    done = 0
+    m = max(1, min(restart, N, maxiter))
+    eps = torch.finfo(x.dtype).eps
+    while done < maxiter:
+        if inspect and not bool(active.any()):
+            break
+        k = min(m, maxiter - done)
+        beta = res
+        basis = [r * _col(_safe_div(torch.ones_like(beta), beta, beta > 0))]
+        cols = []
+        for j in range(k):
+            w = sys.A(sys.M(basis[j]))
+            wnorm = _norm(w)
+            V = torch.stack(basis, dim=1)  # (B, j+1, N)
+            h = torch.einsum("bjn,bn->bj", V, w)
+            w = w - torch.einsum("bjn,bj->bn", V, h)
+            h2 = torch.einsum("bjn,bn->bj", V, w)
+            w = w - torch.einsum("bjn,bj->bn", V, h2)
+            h = h + h2
+            hn = _norm(w)
+            ok = hn > 10 * eps * wnorm
+            hn = torch.where(ok, hn, torch.zeros_like(hn))
+            basis.append(w * _col(_safe_div(torch.ones_like(hn), hn, ok)))
+            pad = torch.zeros(B, k - j - 1, dtype=x.dtype, device=x.device)
+            cols.append(torch.cat([h, _col(hn), pad], dim=1))
+        H = torch.stack(cols, dim=2)  # (B, k+1, k)
+        g = torch.zeros(B, k + 1, dtype=x.dtype, device=x.device)
+        g = torch.cat([_col(beta), g[:, 1:]], dim=1)
+        y = _hessenberg_lstsq(H, g)
+        dx = sys.M(torch.einsum("bjn,bj->bn", torch.stack(basis[:k], dim=1), y))
+        x = torch.where(_col(active), x + dx, x)
+        r = sys.b - sys.A(x)
+        res = _norm(r)
+        iters = iters + k * active.to(iters.dtype)
+        active = active & (res > sys.threshold)
+        done += k
+    converged = res <= sys.threshold
+    return x, iters, converged, None
+
+
+def _hessenberg_lstsq(H: Tensor, g: Tensor) -> Tensor:
+    """``argmin_y ‖g − H y‖`` for a batch of ``(k+1, k)`` Hessenberg matrices, by QR.
+
+    Columns after a breakdown are zero; their ``R`` diagonal is (numerically) zero and the
+    corresponding unknowns are set to zero, which is the minimum-norm choice.
+    """
+    Q, R = torch.linalg.qr(H)  # Q (B, k+1, k), R (B, k, k)
+    rhs = torch.einsum("bik,bi->bk", Q, g)
+    diag = torch.diagonal(R, dim1=1, dim2=2)
+    scale = diag.abs().amax(dim=1, keepdim=True)
+    tiny = diag.abs() <= 100 * torch.finfo(H.dtype).eps * scale
+    R = R + torch.diag_embed(torch.where(tiny, torch.ones_like(diag), torch.zeros_like(diag)))
+    rhs = torch.where(tiny, torch.zeros_like(rhs), rhs)
+    return torch.linalg.solve_triangular(R, rhs.unsqueeze(-1), upper=True).squeeze(-1)
+
+
+def _bicgstab(sys: _FlatSystem, maxiter: int):
+    """Preconditioned BiCGSTAB (van der Vorst, 1992), per-system scalars and convergence.
+
+    A breakdown (``r̂ᵀr = 0`` or ``r̂ᵀv = 0`` before convergence) freezes the system and
+    reports it as not converged.
+    """
+    B, _ = sys.shape
+    x = sys.x0
+    r = sys.b - sys.A(x)
+    rhat = r
+    ones = torch.ones(B, dtype=x.dtype, device=x.device)
+    rho, alpha, omega = ones, ones, ones
+    v = torch.zeros_like(r)
+    p = torch.zeros_like(r)
+    active = _norm(r) > sys.threshold
+    iters = torch.zeros(B, dtype=torch.int64, device=x.device)
+    broken = torch.zeros_like(active)
+    inspect, interval = _runtime.can_inspect_values(), _runtime.check_interval(x.device)
+    for k in range(maxiter):
+        if _all_done(active, k, interval, inspect):
+            break
+        rho_new = _dot(rhat, r)
+        ok1 = active & (rho_new != 0) & (omega != 0)
+        beta = _safe_div(rho_new * alpha, rho * omega, ok1)
+        p = torch.where(_col(ok1), r + _col(beta) * (p - _col(omega) * v), p)
+        phat = sys.M(p)
+        v = torch.where(_col(ok1), sys.A(phat), v)
+        rv = _dot(rhat, v)
+        ok = ok1 & (rv != 0)
+        alpha = torch.where(ok, _safe_div(rho_new, rv, ok), alpha)
+        s = r - _col(torch.where(ok, alpha, torch.zeros_like(alpha))) * v
+        half = ok & (_norm(s) <= sys.threshold)
+        shat = sys.M(s)
+        t = sys.A(shat)
+        tt = _dot(t, t)
+        full = ok & ~half & (tt != 0)
+        omega_k = _safe_div(_dot(t, s), tt, full)
+        x = x + _col(torch.where(ok, alpha, torch.zeros_like(alpha))) * phat + _col(omega_k) * shat
+        r = torch.where(_col(ok), s - _col(omega_k) * t, r)
+        omega = torch.where(full, omega_k, omega)
+        rho = torch.where(ok, rho_new, rho)
+        iters = iters + ok.to(iters.dtype)
+        broken = broken | (active & ~ok)
+        active = ok & ~half & (_norm(r) > sys.threshold)
+    converged = (_norm(r) <= sys.threshold) & ~broken
+    return x, iters, converged, None
+
+
+# --------------------------------------------------------------------------------------------
+# Dense solvers
+# --------------------------------------------------------------------------------------------
+
+
+def materialize(matvec_flat: Flat, batch: int, n: int, dtype, device) -> Tensor:
+    """The ``(B, N, N)`` blocks of a block-diagonal flat operator, from N (batched) matvecs.
+
+    Column ``j`` of every block is ``matvec(e_j)`` with ``e_j`` repeated for all systems. The
+    matvecs are vectorised with ``torch.func.vmap``; a matvec that vmap cannot handle is called
+    once per column instead.
+    """
+    eye = torch.eye(n, dtype=dtype, device=device)
+
+    def column(e: Tensor) -> Tensor:
+        return matvec_flat(e.expand(batch, n))
+
+    try:
+        cols = torch.func.vmap(column)(eye)  # (N, B, N)
+    except Exception:  # noqa: BLE001 - not vmappable: fall back to a loop (which re-raises real errors)
+        cols = torch.stack([column(eye[j]) for j in range(n)])
+    return cols.permute(1, 2, 0)
+
+
+@contextlib.contextmanager
+def _single_thread_if_needed(A: Tensor):
+    """Guard for pytorch issue 142815 (batched CPU LU with several threads, n >= 160)."""
+    needs = (A.device.type == "cpu" and A.dim() == 3 and A.shape[0] > 1
+             and A.shape[-1] >= _CPU_BATCHED_LU_SAFE_N and torch.get_num_threads() > 1)
+    if not needs:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def lu_solve_dense(A: Tensor, b: Tensor) -> Tensor:
+    """``A⁻¹ b`` for ``A`` (B, N, N) and ``b`` (B, N) by LU, with the CPU guard above."""
+    with _single_thread_if_needed(A):
+        return torch.linalg.solve(A, b)
+
+
+def _is_symmetric(A: Tensor) -> bool:
+    scale = A.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(A.dtype).tiny)
+    asym = (A - A.transpose(1, 2)).abs().amax(dim=(1, 2))
+    return bool((asym <= 1e3 * torch.finfo(A.dtype).eps * scale).all())
+
+
+def _dense(sys: _FlatSystem, method: str):
+    """Form the blocks, then Cholesky or LU. Returns (x, method actually used, note)."""
+    B, N = sys.shape
+    A = materialize(sys.A, B, N, sys.b.dtype, sys.b.device)
+    note = None
+    if method == "cholesky":
+        if not _runtime.can_inspect_values():
+            # Symmetry and definiteness cannot be checked here: LU is right in every case.
+            return lu_solve_dense(A, sys.b), "lu", None
+        if _is_symmetric(A):
+            L, info = torch.linalg.cholesky_ex(A)
+            if not bool(info.any()):
+                x = torch.cholesky_solve(sys.b.unsqueeze(-1), L).squeeze(-1)
+                return x, "cholesky", None
+            note = "the matrix is not positive definite"
+        else:
+            note = "the matrix is not symmetric"
+    return lu_solve_dense(A, sys.b), "lu", note
+
+
+# --------------------------------------------------------------------------------------------
+# Public solvers
+# --------------------------------------------------------------------------------------------
+
+
+def _default_maxiter(sys: _FlatSystem, maxiter: int | None) -> int:
+    if maxiter is None:
+        return 10 * sys.shape[1]
+    if maxiter < 0:
+        raise ValueError(f"maxiter must be non-negative, got {maxiter}")
+    return int(maxiter)
+
+
+def _make_system(matvec, b, init, ridge, M, batched, tol, atol) -> _FlatSystem:
+    if not callable(matvec):
+        raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
+    return _FlatSystem(matvec, b, init, ridge, M, batched, tol, atol)
+
+
+def _finish(sys: _FlatSystem, x: Tensor, method: str, iters, converged, indefinite,
+            on_failure: str, return_info: bool, note: str | None = None):
+    """Check the outcome, then return ``x`` as a pytree (and the info when asked)."""
+    if on_failure not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
+    need_residual = return_info or (on_failure != "ignore" and _runtime.can_inspect_values())
+    residual = sys.residual_norm(x) if need_residual else None
+    if residual is not None:
+        converged = converged & torch.isfinite(residual)
+    if on_failure != "ignore" and _runtime.can_inspect_values():
+        _report(sys, method, iters, converged, indefinite, residual, on_failure, note)
+    out = sys.raveler.unravel(x)
+    if not return_info:
+        return out
+    squeeze = (lambda t: t) if sys.batched else (lambda t: t.reshape(()))
+    info = SolveInfo(
+        iterations=squeeze(iters),
+        residual_norm=squeeze(residual),
+        converged=squeeze(converged),
+        indefinite=None if indefinite is None else squeeze(indefinite),
+        method=method,
+    )
+    return out, info
+
+
+def _report(sys, method, iters, converged, indefinite, residual, on_failure, note):
+    if note is not None:
+        warnings.warn(f"implicit_torch: solve_cholesky fell back to LU: {note}",
+                      ConvergenceWarning, stacklevel=4)
+    bad = ~converged
+    if not bool(bad.any()):
+        return
+    B = sys.shape[0]
+    worst = int(torch.argmax(torch.where(bad, residual, torch.full_like(residual, -1.0))))
+    where = f"{int(bad.sum())} of {B} systems" if sys.batched else "the system"
+    if indefinite is not None and bool(indefinite.any()):
+        msg = (f"implicit_torch: solve_{method} met non-positive or sign-changing curvature "
+               f"pᵀAp in {where}: the system is not symmetric definite, so conjugate gradient "
+               f"does not apply. Use solve='gmres', 'bicgstab', 'lu' or 'auto'.")
+        error: type[Exception] = IndefiniteSystemError
+    else:
+        msg = (f"implicit_torch: solve_{method} did not converge for {where} after "
+               f"{int(iters.max())} iterations: residual ‖b − Ax‖ = {float(residual[worst]):.3e}"
+               f" > target {float(sys.threshold[worst]):.3e} (tol={sys.tol:g} · ‖b‖ = "
+               f"{float(sys.bnorm[worst]):.3e}, atol={sys.atol:g}). The result, and any "
+               f"gradient computed from it, is inaccurate: raise maxiter, loosen tol, add a "
+               f"preconditioner M, or use another solver.")
+        error = ConvergenceError
+    if on_failure == "raise":
+        raise error(msg)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+
+
+def solve_cg(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None, M=None,
+             batched=False, on_failure="warn", return_info=False):
+    """Solve ``A x = b`` for symmetric definite ``A`` by (preconditioned) conjugate gradient.
+
+    Matrix-free: ``A`` is only applied through ``matvec``. ``maxiter`` defaults to ``10 N``.
+    Non-positive or sign-changing curvature is reported as an indefinite system. See the module
+    docstring for the shared arguments.
+    """
+    sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
+    x, iters, conv, indef = _cg(sys, _default_maxiter(sys, maxiter))
+    return _finish(sys, x, "cg", iters, conv, indef, on_failure, return_info)
+
+
+def solve_normal_cg(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None,
+                    M=None, batched=False, on_failure="warn", return_info=False):
+    """Solve ``A x = b`` for any nonsingular ``A`` by CG on ``(AᵀA + ridge I) x = Aᵀ b``.
+
+    ``Aᵀ`` is obtained as the vector-Jacobian product of the (linear) ``matvec``. The normal
+    equations square the condition number: prefer GMRES, BiCGSTAB or LU for badly conditioned
+    non-symmetric systems. ``tol`` applies to the normal equations; the reported residual is
+    ``‖b − A x‖``. ``M`` preconditions the normal equations.
+    """
+    base = _make_system(matvec, b, init, None, None, batched, tol, atol)
+    _, vjp = torch.func.vjp(base.A, torch.zeros_like(base.b))
+
+    def normal_matvec(v):
+        return base.raveler.unravel(vjp(base.A(base.raveler.ravel(v)))[0])
+
+    rhs = base.raveler.unravel(vjp(base.b)[0])
+    sys = _make_system(normal_matvec, rhs, init, ridge, M, batched, base.tol, base.atol)
+    x, iters, conv, indef = _cg(sys, _default_maxiter(sys, maxiter))
+    return _finish(base, x, "normal_cg", iters, conv, indef, on_failure, return_info)
+
+
+def solve_gmres(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None, M=None,
+                batched=False, on_failure="warn", return_info=False, restart=20):
+    """Solve ``A x = b`` for any nonsingular ``A`` by restarted GMRES (Saad & Schultz, 1986).
+
+    ``restart`` is the Krylov dimension of a cycle; ``maxiter`` (default ``10 N``) counts
+    Arnoldi steps over all cycles. ``M`` is applied as a right preconditioner, so the
+    convergence test is on the true residual.
+    """
+    sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
+    x, iters, conv, _ = _gmres(sys, _default_maxiter(sys, maxiter), restart)
+    return _finish(sys, x, "gmres", iters, conv, None, on_failure, return_info)
+
+
+def solve_bicgstab(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None,
+                   M=None, batched=False, on_failure="warn", return_info=False):
+    """Solve ``A x = b`` for any nonsingular ``A`` by BiCGSTAB (two matvecs per iteration)."""
+    sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
+    x, iters, conv, _ = _bicgstab(sys, _default_maxiter(sys, maxiter))
+    return _finish(sys, x, "bicgstab", iters, conv, None, on_failure, return_info)
+
+
+def _dense_public(method, matvec, b, init, ridge, tol, atol, batched, on_failure, return_info):
+    sys = _make_system(matvec, b, None, ridge, None, batched, tol, atol)
+    x, used, note = _dense(sys, method)
+    iters = torch.zeros(sys.shape[0], dtype=torch.int64, device=x.device)
+    conv = torch.isfinite(x).all(dim=1)
+    return _finish(sys, x, used, iters, conv, None, on_failure, return_info, note)
+
+
+def solve_lu(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None, M=None,
+             batched=False, on_failure="warn", return_info=False):
+    """Solve ``A x = b`` by forming ``A`` (``N`` matvecs; per ``N × N`` block when batched)
+    and an LU factorisation with partial pivoting. ``init``, ``maxiter`` and ``M`` are unused;
+    ``tol``/``atol`` only judge the reported residual."""
+    return _dense_public("lu", matvec, b, init, ridge, tol, atol, batched, on_failure,
+                         return_info)
+
+
+def solve_cholesky(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None,
+                   M=None, batched=False, on_failure="warn", return_info=False):
+    """Solve ``A x = b`` for symmetric positive-definite ``A`` by forming it and a Cholesky
+    factorisation. A formed matrix that is not symmetric or not positive definite is solved by
+    LU instead, with a :class:`ConvergenceWarning` saying so (under vmap, where that cannot be
+    checked, LU is always used)."""
+    return _dense_public("cholesky", matvec, b, init, ridge, tol, atol, batched, on_failure,
+                         return_info)
+
+
+def _probe_symmetric(sys: _FlatSystem) -> bool:
+    """``vᵀ(A w) = wᵀ(A v)`` for two fixed pseudo-random vectors (two matvecs)."""
+    B, N = sys.shape
+    idx = torch.arange(N, dtype=sys.b.dtype, device=sys.b.device)
+    v = torch.sin(1.7 * idx + 0.3).expand(B, N)
+    w = torch.cos(2.3 * idx + 1.1).expand(B, N)
+    Av, Aw = sys.A(v), sys.A(w)
+    s1, s2 = _dot(v, Aw), _dot(w, Av)
+    scale = _norm(v) * _norm(Aw) + _norm(w) * _norm(Av)
+    return bool(((s1 - s2).abs() <= 1e-6 * scale).all())
+
+
+def solve_auto(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None, M=None,
+               batched=False, on_failure="warn", return_info=False):
+    """Choose a solver by size and structure, then solve ``A x = b``.
+
+    * Small systems (at most ``AUTO_DENSE_MAX_N`` = 256 unknowns per system and at most 2**24
+      matrix entries in all) are formed and solved directly: Cholesky when the formed matrix
+      is symmetric positive definite, LU otherwise.
+    * Larger systems are probed for symmetry with two matvecs (``vᵀAw = wᵀAv``). A symmetric
+      one goes to CG; if CG meets indefiniteness or does not converge, GMRES takes over from
+      CG's iterate. A non-symmetric one goes to GMRES.
+    * Under ``torch.func.vmap`` values cannot be inspected: small systems use LU, larger ones
+      GMRES.
+    """
+    sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
+    B, N = sys.shape
+    inspect = _runtime.can_inspect_values()
+    if N <= AUTO_DENSE_MAX_N and B * N * N <= AUTO_DENSE_MAX_ENTRIES:
+        A = materialize(sys.A, B, N, sys.b.dtype, sys.b.device)
+        if inspect and _is_symmetric(A):
+            L, info = torch.linalg.cholesky_ex(A)
+            if not bool(info.any()):
+                x = torch.cholesky_solve(sys.b.unsqueeze(-1), L).squeeze(-1)
+                return _dense_finish(sys, x, "cholesky", on_failure, return_info)
+        return _dense_finish(sys, lu_solve_dense(A, sys.b), "lu", on_failure, return_info)
+    iters_cap = _default_maxiter(sys, maxiter)
+    if inspect and _probe_symmetric(sys):
+        x, iters, conv, indef = _cg(sys, iters_cap)
+        if bool(conv.all()):
+            return _finish(sys, x, "cg", iters, conv, indef, on_failure, return_info)
+        sys.x0, sys.init_given = x, True
+    x, iters, conv, _ = _gmres(sys, iters_cap, 20)
+    return _finish(sys, x, "gmres", iters, conv, None, on_failure, return_info)
+
+
+def _dense_finish(sys, x, method, on_failure, return_info):
+    iters = torch.zeros(sys.shape[0], dtype=torch.int64, device=x.device)
+    conv = torch.isfinite(x).all(dim=1)
+    return _finish(sys, x, method, iters, conv, None, on_failure, return_info)
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+
+SOLVERS: dict[str, Callable[..., Any]] = {
+    "cg": solve_cg,
+    "normal_cg": solve_normal_cg,
+    "gmres": solve_gmres,
+    "bicgstab": solve_bicgstab,
+    "lu": solve_lu,
+    "cholesky": solve_cholesky,
+    "auto": solve_auto,
+}
+_BUILTIN = frozenset(SOLVERS.values())
+
+
+def get_solver(solve: str | Callable[..., Any]) -> Callable[..., Any]:
+    """The solver callable for a name in ``SOLVERS`` or a user callable ``solve(matvec, b)``."""
+    if isinstance(solve, str):
+        try:
+            return SOLVERS[solve]
+        except KeyError:
+            raise ValueError(f"unknown solve={solve!r}; choose one of {sorted(SOLVERS)} or pass "
+                             f"a callable solve(matvec, b) -> x") from None
+    if not callable(solve):
+        raise TypeError(f"solve must be a name or a callable solve(matvec, b), got "
+                        f"{type(solve).__name__}")
+    return solve
+
+
+def is_builtin(solve: Callable[..., Any]) -> bool:
+    """True for the solvers of this module, also behind ``functools.partial``."""
+    while isinstance(solve, functools.partial):
+        solve = solve.func
+    return solve in _BUILTIN
+
+
+def call_solver(solve: Callable[..., Any], matvec, b, *, batched: bool):
+    """``solve(matvec, b)``, telling a built-in solver whether the system is batched.
+
+    A user callable sees a batched system as one block-diagonal system over all problems.
+    """
+    if is_builtin(solve):
+        return solve(matvec, b, batched=batched)
+    return solve(matvec, b)
+
