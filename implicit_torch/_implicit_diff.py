@@ -28,9 +28,16 @@ from typing import Any
 import torch
 
 from implicit_torch import _runtime, linear_solve
-from implicit_torch._tree import Raveler, describe, tree_flatten, tree_leaves, tree_sub, tree_unflatten
+from implicit_torch._tree import (
+    Raveler,
+    describe,
+    tree_flatten,
+    tree_leaves,
+    tree_sub,
+    tree_unflatten,
+)
 
-__all__ = ["custom_root", "custom_fixed_point", "implicit_solve", "root_vjp", "root_jvp"]
+__all__ = ["custom_fixed_point", "custom_root", "implicit_solve", "root_jvp", "root_vjp"]
 
 Tensor = torch.Tensor
 Solve = str | Callable[..., Any]
@@ -103,14 +110,16 @@ class _Problem:
             _, vjp_x = torch.func.vjp(lambda x: self.residual(x, ts), s)
             return lambda u: vjp_x(u)[0]
 
-        u = _implicit_linear_solve(adjoint_op, adjoint_matvec, neg_v, (*sol_leaves, *tensors),
-                                   self.solve, self.batched)
+        u = _implicit_linear_solve(
+            adjoint_op, adjoint_matvec, neg_v, (*sol_leaves, *tensors), self.solve, self.batched
+        )
         grads: list = [None] * len(tensors)
         if not self.diff:
             return grads
         diff_in = [tensors[k] for k in self.diff]
         _, vjp_p = torch.func.vjp(
-            lambda *d: self.residual(sol, self.with_diff(tensors, d)), *diff_in)
+            lambda *d: self.residual(sol, self.with_diff(tensors, d)), *diff_in
+        )
         for k, g in zip(self.diff, vjp_p(u)):
             grads[k] = g
         return grads
@@ -128,8 +137,11 @@ class _Problem:
                 ts[k] = v
             return self.residual(sol, ts)
 
-        _, b_dot = _runtime.jvp(residual_of_moving, tuple(tensors[k] for k in moving),
-                                  tuple(tangents[k] for k in moving))
+        _, b_dot = _runtime.jvp(
+            residual_of_moving,
+            tuple(tensors[k] for k in moving),
+            tuple(tangents[k] for k in moving),
+        )
         neg_b_dot = self.sol_tree([-x for x in tree_leaves(b_dot)])
         n = self.n_sol()
 
@@ -140,8 +152,9 @@ class _Problem:
         def forward_matvec(*operands):
             return lambda w: forward_op(w, *operands)
 
-        w = _implicit_linear_solve(forward_op, forward_matvec, neg_b_dot, (*sol_leaves, *tensors),
-                                   self.solve, self.batched)
+        w = _implicit_linear_solve(
+            forward_op, forward_matvec, neg_b_dot, (*sol_leaves, *tensors), self.solve, self.batched
+        )
         return tree_leaves(w)
 
 
@@ -163,7 +176,7 @@ class _ImplicitRoot(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         problem = inputs[0]
         ctx.problem = problem
-        tensors = inputs[1 + problem.n_sol():]
+        tensors = inputs[1 + problem.n_sol() :]
         # The *outputs* are saved, so that a derivative of the backward (or jvp) flows
         # through x*(θ) too: second derivatives need the dependence of A and B on x*.
         ctx.save_for_backward(*output, *tensors)
@@ -200,8 +213,9 @@ def _implicit_linear_solve(op, make_matvec, rhs, operands, solve, batched):
     def optimality(x, rhs, *operands):
         return tree_sub(op(x, *operands), rhs)
 
-    return _implicit(solver, optimality, None, (rhs, *operands), solve, False, batched,
-                     check_closure=False)
+    return _implicit(
+        solver, optimality, None, (rhs, *operands), solve, False, batched, check_closure=False
+    )
 
 
 def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, check_closure):
@@ -209,8 +223,10 @@ def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, chec
         out = solver(init, *params)
     if has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError("has_aux=True: the solver must return a pair (solution, aux), got "
-                            f"{type(out).__name__}")
+            raise TypeError(
+                "has_aux=True: the solver must return a pair (solution, aux), got "
+                f"{type(out).__name__}"
+            )
         sol, aux = out
     else:
         sol, aux = out, None
@@ -241,7 +257,8 @@ def _check_closure(problem: _Problem, sol, tensors) -> None:
             "the optimality function uses a tensor that requires grad but is not one of its "
             "params (it closes over it), so that tensor would silently get no gradient. Pass "
             "it as an explicit parameter: optimality_fn(sol, *params) and solver(init, "
-            "*params) must receive every differentiable tensor through params.")
+            "*params) must receive every differentiable tensor through params."
+        )
 
 
 def _check_devices(sol, tensors) -> None:
@@ -249,8 +266,10 @@ def _check_devices(sol, tensors) -> None:
     for t in tensors:
         # 0-d CPU tensors mix with any device in torch ops, so they are allowed here too.
         if t.device != device and not (t.device.type == "cpu" and t.dim() == 0):
-            raise ValueError(f"a parameter tensor of shape {tuple(t.shape)} is on {t.device} "
-                             f"but the solution is on {device}: move them to one device")
+            raise ValueError(
+                f"a parameter tensor of shape {tuple(t.shape)} is on {t.device} "
+                f"but the solution is on {device}: move them to one device"
+            )
 
 
 # ------------------------------------------------------------------------------------------
@@ -258,9 +277,15 @@ def _check_devices(sol, tensors) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def implicit_solve(solver: Callable[..., Any], optimality_fn: Callable[..., Any], init: Any,
-                   *params: Any, solve: Solve = "cg", has_aux: bool = False,
-                   batched: bool = False) -> Any:
+def implicit_solve(
+    solver: Callable[..., Any],
+    optimality_fn: Callable[..., Any],
+    init: Any,
+    *params: Any,
+    solve: Solve = "cg",
+    has_aux: bool = False,
+    batched: bool = False,
+) -> Any:
     """Run ``solver(init, *params)`` and make its solution differentiable in ``params``.
 
     Args:
@@ -288,12 +313,17 @@ def implicit_solve(solver: Callable[..., Any], optimality_fn: Callable[..., Any]
         ValueError: if ``optimality_fn`` closes over a tensor that requires grad, or shapes,
             dtypes or devices do not fit.
     """
-    return _implicit(solver, optimality_fn, init, params, solve, has_aux, batched,
-                     check_closure=True)
+    return _implicit(
+        solver, optimality_fn, init, params, solve, has_aux, batched, check_closure=True
+    )
 
 
-def custom_root(optimality_fn: Callable[..., Any], solve: Solve = "cg", has_aux: bool = False,
-                batched: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def custom_root(
+    optimality_fn: Callable[..., Any],
+    solve: Solve = "cg",
+    has_aux: bool = False,
+    batched: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: ``solver(init, *params)`` returns a root of ``optimality_fn(x, *params)``.
 
     The decorated solver's output is differentiable in ``params`` by the implicit function
@@ -307,16 +337,21 @@ def custom_root(optimality_fn: Callable[..., Any], solve: Solve = "cg", has_aux:
     def decorator(solver):
         @functools.wraps(solver)
         def wrapped(init, *params):
-            return _implicit(solver, optimality_fn, init, params, solve, has_aux, batched,
-                             check_closure=True)
+            return _implicit(
+                solver, optimality_fn, init, params, solve, has_aux, batched, check_closure=True
+            )
 
         return wrapped
 
     return decorator
 
 
-def custom_fixed_point(fixed_point_fn: Callable[..., Any], solve: Solve = "gmres",
-                       has_aux: bool = False, batched: bool = False):
+def custom_fixed_point(
+    fixed_point_fn: Callable[..., Any],
+    solve: Solve = "gmres",
+    has_aux: bool = False,
+    batched: bool = False,
+):
     """Decorator: ``solver(init, *params)`` returns a fixed point ``x = T(x, *params)``.
 
     Equivalent to :func:`custom_root` with ``F(x, θ) = T(x, θ) − x``. The default linear
@@ -329,8 +364,14 @@ def custom_fixed_point(fixed_point_fn: Callable[..., Any], solve: Solve = "gmres
     return custom_root(optimality_fn, solve=solve, has_aux=has_aux, batched=batched)
 
 
-def root_vjp(optimality_fn: Callable[..., Any], sol: Any, params: tuple, cotangent: Any,
-             solve: Solve = "cg", batched: bool = False) -> tuple:
+def root_vjp(
+    optimality_fn: Callable[..., Any],
+    sol: Any,
+    params: tuple,
+    cotangent: Any,
+    solve: Solve = "cg",
+    batched: bool = False,
+) -> tuple:
     """``vᵀ ∂x*/∂θ = −vᵀ A⁻¹ B`` at a root ``sol`` of ``optimality_fn(sol, *params)``.
 
     Returns a tuple with one entry per element of ``params``: a pytree shaped like that
@@ -348,15 +389,22 @@ def root_vjp(optimality_fn: Callable[..., Any], sol: Any, params: tuple, cotange
     return tree_unflatten([g if i in is_tensor else None for i, g in enumerate(flat)], spec)
 
 
-def root_jvp(optimality_fn: Callable[..., Any], sol: Any, params: tuple, tangents: tuple,
-             solve: Solve = "cg", batched: bool = False) -> Any:
+def root_jvp(
+    optimality_fn: Callable[..., Any],
+    sol: Any,
+    params: tuple,
+    tangents: tuple,
+    solve: Solve = "cg",
+    batched: bool = False,
+) -> Any:
     """``∂x*/∂θ · θ̇ = −A⁻¹ B θ̇`` at a root ``sol``; ``tangents`` has one entry per param (a
     pytree like it, or ``None`` for a param held fixed). Returns a pytree shaped like ``sol``.
     """
     params, tangents = tuple(params), tuple(tangents)
     if len(tangents) != len(params):
-        raise ValueError(f"root_jvp needs one tangent per param: {len(params)} params, "
-                         f"{len(tangents)} tangents")
+        raise ValueError(
+            f"root_jvp needs one tangent per param: {len(params)} params, {len(tangents)} tangents"
+        )
     problem = _Problem(optimality_fn, sol, params, solve, batched)
     p_leaves = tree_flatten(params)[0]
     t_leaves: list = []

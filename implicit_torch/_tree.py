@@ -63,11 +63,15 @@ class Raveler:
             raise ValueError(f"{what} has no tensor leaves")
         for leaf in leaves:
             if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"{what} must be a tensor or a pytree of tensors, found a leaf "
-                                f"of type {type(leaf).__name__}")
+                raise TypeError(
+                    f"{what} must be a tensor or a pytree of tensors, found a leaf "
+                    f"of type {type(leaf).__name__}"
+                )
             if not leaf.is_floating_point():
-                raise TypeError(f"{what} must have floating-point leaves, found dtype {leaf.dtype} "
-                                f"({describe(example)})")
+                raise TypeError(
+                    f"{what} must have floating-point leaves, found dtype {leaf.dtype} "
+                    f"({describe(example)})"
+                )
         devices = {leaf.device for leaf in leaves}
         if len(devices) > 1:
             raise ValueError(f"{what} has leaves on different devices: {sorted(map(str, devices))}")
@@ -79,8 +83,10 @@ class Raveler:
         if batched:
             sizes = {leaf.shape[0] if leaf.dim() else None for leaf in leaves}
             if None in sizes or len(sizes) != 1:
-                raise ValueError(f"batched=True needs every leaf of {what} to have the same "
-                                 f"leading (batch) dimension, got {describe(example)}")
+                raise ValueError(
+                    f"batched=True needs every leaf of {what} to have the same "
+                    f"leading (batch) dimension, got {describe(example)}"
+                )
             self.batch_size = sizes.pop()
             self.sizes = [math.prod(s[1:]) for s in self.shapes]
         else:
@@ -95,8 +101,10 @@ class Raveler:
             not isinstance(x, torch.Tensor) or x.shape != s for x, s in zip(leaves, self.shapes)
         ):
             expected = [tuple(s) for s in self.shapes]
-            raise ValueError(f"{what} must have the structure and shapes of the solution "
-                             f"({self.spec}, leaf shapes {expected}); got {describe(tree)}")
+            raise ValueError(
+                f"{what} must have the structure and shapes of the solution "
+                f"({self.spec}, leaf shapes {expected}); got {describe(tree)}"
+            )
         return leaves
 
     def ravel(self, tree: Any, what: str = "a pytree") -> torch.Tensor:

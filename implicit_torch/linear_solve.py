@@ -45,14 +45,14 @@ from implicit_torch._tree import Raveler
 
 __all__ = [
     "SolveInfo",
-    "solve_cg",
-    "solve_normal_cg",
-    "solve_gmres",
-    "solve_bicgstab",
-    "solve_lu",
-    "solve_cholesky",
-    "solve_auto",
     "get_solver",
+    "solve_auto",
+    "solve_bicgstab",
+    "solve_cg",
+    "solve_cholesky",
+    "solve_gmres",
+    "solve_lu",
+    "solve_normal_cg",
 ]
 
 Tensor = torch.Tensor
@@ -106,8 +106,11 @@ class _FlatSystem:
         self.ridge = ridge
         self._M = M
         self.init_given = init is not None
-        self.x0 = (torch.zeros_like(self.b) if init is None
-                   else self.raveler.ravel(init, "init").detach().to(self.b.dtype))
+        self.x0 = (
+            torch.zeros_like(self.b)
+            if init is None
+            else self.raveler.ravel(init, "init").detach().to(self.b.dtype)
+        )
         if tol is None:
             tol = 1e-10 if self.b.dtype == torch.float64 else 1e-5
         if tol < 0 or atol < 0:
@@ -336,7 +339,7 @@ def materialize(matvec_flat: Flat, batch: int, n: int, dtype, device) -> Tensor:
 
     try:
         cols = torch.func.vmap(column)(eye)  # (N, B, N)
-    except Exception:  # noqa: BLE001 - not vmappable: fall back to a loop (which re-raises real errors)
+    except Exception:  # not vmappable: loop instead (a real error re-raises there)
         cols = torch.stack([column(eye[j]) for j in range(n)])
     return cols.permute(1, 2, 0)
 
@@ -344,8 +347,13 @@ def materialize(matvec_flat: Flat, batch: int, n: int, dtype, device) -> Tensor:
 @contextlib.contextmanager
 def _single_thread_if_needed(A: Tensor):
     """Guard for pytorch issue 142815 (batched CPU LU with several threads, n >= 160)."""
-    needs = (A.device.type == "cpu" and A.dim() == 3 and A.shape[0] > 1
-             and A.shape[-1] >= _CPU_BATCHED_LU_SAFE_N and torch.get_num_threads() > 1)
+    needs = (
+        A.device.type == "cpu"
+        and A.dim() == 3
+        and A.shape[0] > 1
+        and A.shape[-1] >= _CPU_BATCHED_LU_SAFE_N
+        and torch.get_num_threads() > 1
+    )
     if not needs:
         yield
         return
@@ -408,8 +416,17 @@ def _make_system(matvec, b, init, ridge, M, batched, tol, atol) -> _FlatSystem:
     return _FlatSystem(matvec, b, init, ridge, M, batched, tol, atol)
 
 
-def _finish(sys: _FlatSystem, x: Tensor, method: str, iters, converged, indefinite,
-            on_failure: str, return_info: bool, note: str | None = None):
+def _finish(
+    sys: _FlatSystem,
+    x: Tensor,
+    method: str,
+    iters,
+    converged,
+    indefinite,
+    on_failure: str,
+    return_info: bool,
+    note: str | None = None,
+):
     """Check the outcome, then return ``x`` as a pytree (and the info when asked)."""
     if on_failure not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
@@ -435,8 +452,11 @@ def _finish(sys: _FlatSystem, x: Tensor, method: str, iters, converged, indefini
 
 def _report(sys, method, iters, converged, indefinite, residual, on_failure, note):
     if note is not None:
-        warnings.warn(f"implicit_torch: solve_cholesky fell back to LU: {note}",
-                      ConvergenceWarning, stacklevel=4)
+        warnings.warn(
+            f"implicit_torch: solve_cholesky fell back to LU: {note}",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
     bad = ~converged
     if not bool(bad.any()):
         return
@@ -444,25 +464,41 @@ def _report(sys, method, iters, converged, indefinite, residual, on_failure, not
     worst = int(torch.argmax(torch.where(bad, residual, torch.full_like(residual, -1.0))))
     where = f"{int(bad.sum())} of {B} systems" if sys.batched else "the system"
     if indefinite is not None and bool(indefinite.any()):
-        msg = (f"implicit_torch: solve_{method} met non-positive or sign-changing curvature "
-               f"pᵀAp in {where}: the system is not symmetric definite, so conjugate gradient "
-               f"does not apply. Use solve='gmres', 'bicgstab', 'lu' or 'auto'.")
+        msg = (
+            f"implicit_torch: solve_{method} met non-positive or sign-changing curvature "
+            f"pᵀAp in {where}: the system is not symmetric definite, so conjugate gradient "
+            f"does not apply. Use solve='gmres', 'bicgstab', 'lu' or 'auto'."
+        )
         error: type[Exception] = IndefiniteSystemError
     else:
-        msg = (f"implicit_torch: solve_{method} did not converge for {where} after "
-               f"{int(iters.max())} iterations: residual ‖b − Ax‖ = {float(residual[worst]):.3e}"
-               f" > target {float(sys.threshold[worst]):.3e} (tol={sys.tol:g} · ‖b‖ = "
-               f"{float(sys.bnorm[worst]):.3e}, atol={sys.atol:g}). The result, and any "
-               f"gradient computed from it, is inaccurate: raise maxiter, loosen tol, add a "
-               f"preconditioner M, or use another solver.")
+        msg = (
+            f"implicit_torch: solve_{method} did not converge for {where} after "
+            f"{int(iters.max())} iterations: residual ‖b − Ax‖ = {float(residual[worst]):.3e}"
+            f" > target {float(sys.threshold[worst]):.3e} (tol={sys.tol:g} · ‖b‖ = "
+            f"{float(sys.bnorm[worst]):.3e}, atol={sys.atol:g}). The result, and any "
+            f"gradient computed from it, is inaccurate: raise maxiter, loosen tol, add a "
+            f"preconditioner M, or use another solver."
+        )
         error = ConvergenceError
     if on_failure == "raise":
         raise error(msg)
     warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
 
-def solve_cg(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None, M=None,
-             batched=False, on_failure="warn", return_info=False):
+def solve_cg(
+    matvec,
+    b,
+    *,
+    init=None,
+    ridge=None,
+    tol=None,
+    atol=0.0,
+    maxiter=None,
+    M=None,
+    batched=False,
+    on_failure="warn",
+    return_info=False,
+):
     """Solve ``A x = b`` for symmetric definite ``A`` by (preconditioned) conjugate gradient.
 
     Matrix-free: ``A`` is only applied through ``matvec``. ``maxiter`` defaults to ``10 N``.
@@ -474,8 +510,20 @@ def solve_cg(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=No
     return _finish(sys, x, "cg", iters, conv, indef, on_failure, return_info)
 
 
-def solve_normal_cg(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None,
-                    M=None, batched=False, on_failure="warn", return_info=False):
+def solve_normal_cg(
+    matvec,
+    b,
+    *,
+    init=None,
+    ridge=None,
+    tol=None,
+    atol=0.0,
+    maxiter=None,
+    M=None,
+    batched=False,
+    on_failure="warn",
+    return_info=False,
+):
     """Solve ``A x = b`` for any nonsingular ``A`` by CG on ``(AᵀA + ridge I) x = Aᵀ b``.
 
     ``Aᵀ`` is obtained as the vector-Jacobian product of the (linear) ``matvec``. The normal
@@ -495,8 +543,21 @@ def solve_normal_cg(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, max
     return _finish(base, x, "normal_cg", iters, conv, indef, on_failure, return_info)
 
 
-def solve_gmres(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None, M=None,
-                batched=False, on_failure="warn", return_info=False, restart=20):
+def solve_gmres(
+    matvec,
+    b,
+    *,
+    init=None,
+    ridge=None,
+    tol=None,
+    atol=0.0,
+    maxiter=None,
+    M=None,
+    batched=False,
+    on_failure="warn",
+    return_info=False,
+    restart=20,
+):
     """Solve ``A x = b`` for any nonsingular ``A`` by restarted GMRES (Saad & Schultz, 1986).
 
     ``restart`` is the Krylov dimension of a cycle; ``maxiter`` (default ``10 N``) counts
@@ -508,8 +569,20 @@ def solve_gmres(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter
     return _finish(sys, x, "gmres", iters, conv, None, on_failure, return_info)
 
 
-def solve_bicgstab(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None,
-                   M=None, batched=False, on_failure="warn", return_info=False):
+def solve_bicgstab(
+    matvec,
+    b,
+    *,
+    init=None,
+    ridge=None,
+    tol=None,
+    atol=0.0,
+    maxiter=None,
+    M=None,
+    batched=False,
+    on_failure="warn",
+    return_info=False,
+):
     """Solve ``A x = b`` for any nonsingular ``A`` by BiCGSTAB (two matvecs per iteration)."""
     sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
     x, iters, conv, _ = _bicgstab(sys, _default_maxiter(sys, maxiter))
@@ -524,23 +597,47 @@ def _dense_public(method, matvec, b, init, ridge, tol, atol, batched, on_failure
     return _finish(sys, x, used, iters, conv, None, on_failure, return_info, note)
 
 
-def solve_lu(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None, M=None,
-             batched=False, on_failure="warn", return_info=False):
+def solve_lu(
+    matvec,
+    b,
+    *,
+    init=None,
+    ridge=None,
+    tol=None,
+    atol=0.0,
+    maxiter=None,
+    M=None,
+    batched=False,
+    on_failure="warn",
+    return_info=False,
+):
     """Solve ``A x = b`` by forming ``A`` (``N`` matvecs; per ``N × N`` block when batched)
     and an LU factorisation with partial pivoting. ``init``, ``maxiter`` and ``M`` are unused;
     ``tol``/``atol`` only judge the reported residual."""
-    return _dense_public("lu", matvec, b, init, ridge, tol, atol, batched, on_failure,
-                         return_info)
+    return _dense_public("lu", matvec, b, init, ridge, tol, atol, batched, on_failure, return_info)
 
 
-def solve_cholesky(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None,
-                   M=None, batched=False, on_failure="warn", return_info=False):
+def solve_cholesky(
+    matvec,
+    b,
+    *,
+    init=None,
+    ridge=None,
+    tol=None,
+    atol=0.0,
+    maxiter=None,
+    M=None,
+    batched=False,
+    on_failure="warn",
+    return_info=False,
+):
     """Solve ``A x = b`` for symmetric positive-definite ``A`` by forming it and a Cholesky
     factorisation. A formed matrix that is not symmetric or not positive definite is solved by
     LU instead, with a :class:`ConvergenceWarning` saying so (under vmap, where that cannot be
     checked, LU is always used)."""
-    return _dense_public("cholesky", matvec, b, init, ridge, tol, atol, batched, on_failure,
-                         return_info)
+    return _dense_public(
+        "cholesky", matvec, b, init, ridge, tol, atol, batched, on_failure, return_info
+    )
 
 
 def _probe_symmetric(sys: _FlatSystem) -> bool:
@@ -555,8 +652,20 @@ def _probe_symmetric(sys: _FlatSystem) -> bool:
     return bool(((s1 - s2).abs() <= 1e-6 * scale).all())
 
 
-def solve_auto(matvec, b, *, init=None, ridge=None, tol=None, atol=0.0, maxiter=None, M=None,
-               batched=False, on_failure="warn", return_info=False):
+def solve_auto(
+    matvec,
+    b,
+    *,
+    init=None,
+    ridge=None,
+    tol=None,
+    atol=0.0,
+    maxiter=None,
+    M=None,
+    batched=False,
+    on_failure="warn",
+    return_info=False,
+):
     """Choose a solver by size and structure, then solve ``A x = b``.
 
     * Small systems (at most ``AUTO_DENSE_MAX_N`` = 256 unknowns per system and at most 2**24
@@ -617,11 +726,14 @@ def get_solver(solve: str | Callable[..., Any]) -> Callable[..., Any]:
         try:
             return SOLVERS[solve]
         except KeyError:
-            raise ValueError(f"unknown solve={solve!r}; choose one of {sorted(SOLVERS)} or pass "
-                             f"a callable solve(matvec, b) -> x") from None
+            raise ValueError(
+                f"unknown solve={solve!r}; choose one of {sorted(SOLVERS)} or pass "
+                f"a callable solve(matvec, b) -> x"
+            ) from None
     if not callable(solve):
-        raise TypeError(f"solve must be a name or a callable solve(matvec, b), got "
-                        f"{type(solve).__name__}")
+        raise TypeError(
+            f"solve must be a name or a callable solve(matvec, b), got {type(solve).__name__}"
+        )
     return solve
 
 
@@ -640,4 +752,3 @@ def call_solver(solve: Callable[..., Any], matvec, b, *, batched: bool):
     if is_builtin(solve):
         return solve(matvec, b, batched=batched)
     return solve(matvec, b)
-
