@@ -51,8 +51,13 @@ class _Problem:
     differentiated.
     """
 
-    def __init__(self, optimality_fn, sol: Any, params: tuple, solve: Solve, batched: bool):
+    def __init__(self, optimality_fn, sol: Any, params: tuple, solve: Solve, batched: bool,
+                 linear: tuple | None = None):
         self.optimality_fn = optimality_fn
+        # For F(x, rhs, *ops) = op(x, *ops) − rhs (a linear solve): the factories
+        # (make_A, make_At), each ops -> (x -> A x) / (u -> Aᵀ u). Knowing Aᵀ explicitly avoids
+        # differentiating a vjp to transpose it.
+        self.linear = linear
         self.solve = linear_solve.get_solver(solve)
         self.batched = batched
         self.raveler = Raveler(sol, batched, what="the solution")
@@ -93,33 +98,49 @@ class _Problem:
 
     # -- the two derivative rules ---------------------------------------------------------
 
+    def matvec_factories(self):
+        """``(make_A, make_At)``: operands ``(*sol_leaves, *tensors)`` -> the maps ``w ↦ A w``
+        and ``u ↦ Aᵀ u`` with ``A = ∂F/∂x`` there."""
+        if self.linear is not None:
+            make_A, make_At = self.linear
+            n = self.n_sol()
+
+            # A linear problem's Jacobian does not depend on x or on its rhs (the first n
+            # tensors); only on the operator's own operands.
+            def linear_A(*operands):
+                return make_A(*operands[2 * n :])
+
+            def linear_At(*operands):
+                return make_At(*operands[2 * n :])
+
+            return linear_A, linear_At
+        n = self.n_sol()
+
+        def make_A(*operands):
+            s, ts = self.sol_tree(operands[:n]), operands[n:]
+            return lambda w: _runtime.jvp(lambda x: self.residual(x, ts), (s,), (w,))[1]
+
+        def make_At(*operands):
+            s, ts = self.sol_tree(operands[:n]), operands[n:]
+            _, vjp_x = torch.func.vjp(lambda x: self.residual(x, ts), s)
+            return lambda u: vjp_x(u)[0]
+
+        return make_A, make_At
+
     def vjp(self, sol_leaves, tensors, cotangents) -> list:
         """``uᵀ ∂F/∂θ`` with ``Aᵀ u = −v``: one gradient per tensor leaf (None if static)."""
         sol = self.sol_tree(sol_leaves)
         cot = [torch.zeros_like(s) if c is None else c for s, c in zip(sol_leaves, cotangents)]
         neg_v = self.sol_tree([-c for c in cot])
-        n = self.n_sol()
-
-        def adjoint_op(u, *operands):
-            s, ts = self.sol_tree(operands[:n]), operands[n:]
-            _, vjp_x = torch.func.vjp(lambda x: self.residual(x, ts), s)
-            return vjp_x(u)[0]
-
-        def adjoint_matvec(*operands):
-            s, ts = self.sol_tree(operands[:n]), operands[n:]
-            _, vjp_x = torch.func.vjp(lambda x: self.residual(x, ts), s)
-            return lambda u: vjp_x(u)[0]
-
-        u = _implicit_linear_solve(
-            adjoint_op, adjoint_matvec, neg_v, (*sol_leaves, *tensors), self.solve, self.batched
-        )
+        make_A, make_At = self.matvec_factories()
+        u = _implicit_linear_solve(make_At, make_A, neg_v, (*sol_leaves, *tensors), self.solve,
+                                   self.batched)
         grads: list = [None] * len(tensors)
         if not self.diff:
             return grads
         diff_in = [tensors[k] for k in self.diff]
         _, vjp_p = torch.func.vjp(
-            lambda *d: self.residual(sol, self.with_diff(tensors, d)), *diff_in
-        )
+            lambda *d: self.residual(sol, self.with_diff(tensors, d)), *diff_in)
         for k, g in zip(self.diff, vjp_p(u)):
             grads[k] = g
         return grads
@@ -143,18 +164,9 @@ class _Problem:
             tuple(tangents[k] for k in moving),
         )
         neg_b_dot = self.sol_tree([-x for x in tree_leaves(b_dot)])
-        n = self.n_sol()
-
-        def forward_op(w, *operands):
-            s, ts = self.sol_tree(operands[:n]), operands[n:]
-            return _runtime.jvp(lambda x: self.residual(x, ts), (s,), (w,))[1]
-
-        def forward_matvec(*operands):
-            return lambda w: forward_op(w, *operands)
-
-        w = _implicit_linear_solve(
-            forward_op, forward_matvec, neg_b_dot, (*sol_leaves, *tensors), self.solve, self.batched
-        )
+        make_A, make_At = self.matvec_factories()
+        w = _implicit_linear_solve(make_A, make_At, neg_b_dot, (*sol_leaves, *tensors),
+                                   self.solve, self.batched)
         return tree_leaves(w)
 
 
@@ -192,33 +204,42 @@ class _ImplicitRoot(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _problem_tangent, *tangents):
+        if _runtime.forward_over_forward():
+            raise NotImplementedError(
+                "forward-over-forward differentiation (e.g. jacfwd(jacfwd(f)) or jvp of a jvp) "
+                "through implicit_torch is not supported: torch.func drops the outer tangents "
+                "inside a torch.autograd.Function's jvp rule (pytorch issue 197867), which "
+                "would give a silently wrong result. Use jacfwd(jacrev(f)) (= "
+                "torch.func.hessian), jacrev(jacfwd(f)) or jacrev(jacrev(f)) instead.")
         problem: _Problem = ctx.problem
         saved = ctx.saved_tensors
         n = problem.n_sol()
-        return tuple(problem.jvp(saved[:n], saved[n:], tangents[n:]))
+        with _runtime.running_jvp_rule():
+            return tuple(problem.jvp(saved[:n], saved[n:], tangents[n:]))
 
 
-def _implicit_linear_solve(op, make_matvec, rhs, operands, solve, batched):
-    """``x`` with ``op(x, *operands) = rhs``, differentiable in ``rhs`` and ``operands``.
+def _implicit_linear_solve(make_A, make_At, rhs, operands, solve, batched):
+    """``x`` with ``A(operands) x = rhs``, differentiable in ``rhs`` and ``operands``.
 
-    ``op`` is linear in ``x``. ``make_matvec(*operands)`` returns the same map as a function of
-    ``x`` alone, possibly cheaper to apply repeatedly (a cached linearisation); the linear
-    solver uses it. Derivatives go through :class:`_ImplicitRoot` with the optimality condition
-    ``op(x, *operands) − rhs = 0``.
+    ``make_A(*operands)`` returns the linear map ``x ↦ A x`` (possibly a cached linearisation,
+    cheap to apply repeatedly) and ``make_At(*operands)`` its transpose. Derivatives go through
+    :class:`_ImplicitRoot` with the optimality condition ``A x − rhs = 0``, whose Jacobian in
+    ``x`` is ``A`` itself; so the backward of this solve is a solve with ``Aᵀ`` and its jvp
+    one with ``A``, at any order.
     """
 
     def solver(_init, rhs, *operands):
-        return linear_solve.call_solver(solve, make_matvec(*operands), rhs, batched=batched)
+        return linear_solve.call_solver(solve, make_A(*operands), rhs, batched=batched)
 
     def optimality(x, rhs, *operands):
-        return tree_sub(op(x, *operands), rhs)
+        return tree_sub(make_A(*operands)(x), rhs)
 
-    return _implicit(
-        solver, optimality, None, (rhs, *operands), solve, False, batched, check_closure=False
-    )
+    return _implicit(solver, optimality, None, (rhs, *operands), solve, False, batched,
+                     check_closure=False, linear=(make_A, make_At))
 
 
-def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, check_closure):
+def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, check_closure,
+              linear=None):
     with torch.no_grad():
         out = solver(init, *params)
     if has_aux:
@@ -234,8 +255,9 @@ def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, chec
     sol_leaves, sol_spec = tree_flatten(sol)
     sol_leaves = [x.detach() if isinstance(x, Tensor) else x for x in sol_leaves]
     sol = tree_unflatten(sol_leaves, sol_spec)
-    problem = _Problem(optimality_fn, sol, params, solve, batched)
-    tensors = [tree_flatten(tuple(params))[0][i] for i in problem.tensor_pos]
+    problem = _Problem(optimality_fn, sol, params, solve, batched, linear)
+    param_leaves = tree_flatten(tuple(params))[0]
+    tensors = [param_leaves[i] for i in problem.tensor_pos]
     if check_closure and torch.is_grad_enabled():
         _check_closure(problem, sol, tensors)
     outs = _ImplicitRoot.apply(problem, *sol_leaves, *tensors)

@@ -8,6 +8,9 @@ count instead. Results are the same either way: converged systems are frozen by 
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch._C import _functorch
 
@@ -59,3 +62,38 @@ def jvp(fn, primals: tuple, tangents: tuple):
     zeros = tree_map(torch.zeros_like, out)
     _, transpose = torch.func.vjp(vjp_fn, zeros)
     return out, transpose(tangents)[0]
+
+
+# Forward-over-forward through a torch.autograd.Function is silently wrong in torch.func: the
+# inner jvp rule runs without the outer level's tangents, so second-order forward terms vanish
+# (pytorch issue 197867, open as of torch 2.13). The engine refuses that case instead. To tell
+# it from a legitimate nesting -- the engine's own jvp rule calling torch.func.jvp on a user
+# function that contains another implicit layer -- the Jvp levels whose rule is running are
+# recorded here.
+_rules = threading.local()
+
+
+def _jvp_levels() -> list[int]:
+    stack = _functorch.get_interpreter_stack() or []
+    return [i.level() for i in stack if i.key() == _functorch.TransformType.Jvp]
+
+
+@contextlib.contextmanager
+def running_jvp_rule():
+    """Marks the innermost forward-mode level as handled by an engine jvp rule."""
+    levels = _jvp_levels()
+    active = _rules.__dict__.setdefault("levels", [])
+    active.append(max(levels) if levels else None)
+    try:
+        yield
+    finally:
+        active.pop()
+
+
+def forward_over_forward() -> bool:
+    """True when a jvp rule is asked for while an outer torch.func forward level is live."""
+    levels = _jvp_levels()
+    if len(levels) < 2:
+        return False
+    active = set(_rules.__dict__.get("levels", []))
+    return any(level not in active for level in levels[:-1] if level != max(levels))

@@ -1,0 +1,85 @@
+"""A small zoo of problems with independent float64 references, shared by the tests.
+
+Each reference is computed without implicit_torch: closed forms through torch.linalg.solve
+(differentiated by autograd), or dense implicit-function-theorem solves built from
+torch.autograd.functional.jacobian.
+"""
+
+import functools
+
+import torch
+
+import implicit_torch as it
+
+DT = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tight(kind: str = "cg", **kw):
+    """A solve callable with a tolerance far below the tests' assertion tolerances."""
+    return functools.partial(getattr(it, f"solve_{kind}"), tol=1e-13, **kw)
+
+
+def spd(n: int, seed: int, cond: float = 10.0, dtype=DT) -> torch.Tensor:
+    """A random symmetric positive-definite matrix with condition number ``cond``."""
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen(seed), dtype=DT))
+    eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=DT)
+    A = Q @ torch.diag(eig) @ Q.T
+    return (0.5 * (A + A.T)).to(dtype)
+
+
+def nonsym(n: int, seed: int) -> torch.Tensor:
+    """A random well-conditioned non-symmetric matrix."""
+    g = gen(seed)
+    return 2.0 * torch.eye(n, dtype=DT) + 0.5 * torch.randn(n, n, generator=g, dtype=DT) / n**0.5
+
+
+# --- ridge regression: F(w, λ) = Xᵀ(Xw − y) + λ ⊙ w ------------------------------------------
+
+
+def ridge_data(seed=0, m=25, d=5):
+    g = gen(seed)
+    X = torch.randn(m, d, generator=g, dtype=DT)
+    y = torch.randn(m, generator=g, dtype=DT)
+    lam = 0.5 + torch.rand(d, generator=g, dtype=DT)
+    return X, y, lam
+
+
+def ridge_F(w, lam, X, y):
+    return X.T @ (X @ w - y) + lam * w
+
+
+def ridge_closed(lam, X, y):
+    """w(λ) = (XᵀX + diag λ)⁻¹ Xᵀy; λ may be a scalar or one value per feature."""
+    d = X.shape[1]
+    H = X.T @ X + lam * torch.eye(d, dtype=X.dtype) if lam.dim() == 0 else X.T @ X + torch.diag(lam)
+    return torch.linalg.solve(H, X.T @ y)
+
+
+def ridge_gd(init, lam, X, y, iters=3000):
+    """Gradient descent with step 1/L: an iterative forward solver (converges to 1e-15)."""
+    H = X.T @ X
+    L = torch.linalg.eigvalsh(H).max() + lam.max()
+    w = torch.zeros(X.shape[1], dtype=X.dtype) if init is None else init
+    for _ in range(iters):
+        w = w - ridge_F(w, lam, X, y) / L
+    return w
+
+
+def dense_ift(F, x, params):
+    """−(∂ₓF)⁻¹ ∂_θF for every param, by dense Jacobians (the independent reference)."""
+    n = x.numel()
+    Jx = torch.autograd.functional.jacobian(lambda z: F(z, *params), x).reshape(n, n)
+    out = []
+    for k, p in enumerate(params):
+        def f(q, k=k):
+            args = list(params)
+            args[k] = q
+            return F(x, *args)
+
+        Jp = torch.autograd.functional.jacobian(f, p).reshape(n, -1)
+        out.append((-torch.linalg.solve(Jx, Jp)).reshape(*x.shape, *p.shape))
+    return out
