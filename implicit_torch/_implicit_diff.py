@@ -51,8 +51,15 @@ class _Problem:
     differentiated.
     """
 
-    def __init__(self, optimality_fn, sol: Any, params: tuple, solve: Solve, batched: bool,
-                 linear: tuple | None = None):
+    def __init__(
+        self,
+        optimality_fn,
+        sol: Any,
+        params: tuple,
+        solve: Solve,
+        batched: bool,
+        linear: tuple | None = None,
+    ):
         self.optimality_fn = optimality_fn
         # For F(x, rhs, *ops) = op(x, *ops) − rhs (a linear solve): the factories
         # (make_A, make_At), each ops -> (x -> A x) / (u -> Aᵀ u). Knowing Aᵀ explicitly avoids
@@ -133,14 +140,16 @@ class _Problem:
         cot = [torch.zeros_like(s) if c is None else c for s, c in zip(sol_leaves, cotangents)]
         neg_v = self.sol_tree([-c for c in cot])
         make_A, make_At = self.matvec_factories()
-        u = _implicit_linear_solve(make_At, make_A, neg_v, (*sol_leaves, *tensors), self.solve,
-                                   self.batched)
+        u = _implicit_linear_solve(
+            make_At, make_A, neg_v, (*sol_leaves, *tensors), self.solve, self.batched
+        )
         grads: list = [None] * len(tensors)
         if not self.diff:
             return grads
         diff_in = [tensors[k] for k in self.diff]
         _, vjp_p = torch.func.vjp(
-            lambda *d: self.residual(sol, self.with_diff(tensors, d)), *diff_in)
+            lambda *d: self.residual(sol, self.with_diff(tensors, d)), *diff_in
+        )
         for k, g in zip(self.diff, vjp_p(u)):
             grads[k] = g
         return grads
@@ -165,8 +174,9 @@ class _Problem:
         )
         neg_b_dot = self.sol_tree([-x for x in tree_leaves(b_dot)])
         make_A, make_At = self.matvec_factories()
-        w = _implicit_linear_solve(make_A, make_At, neg_b_dot, (*sol_leaves, *tensors),
-                                   self.solve, self.batched)
+        w = _implicit_linear_solve(
+            make_A, make_At, neg_b_dot, (*sol_leaves, *tensors), self.solve, self.batched
+        )
         return tree_leaves(w)
 
 
@@ -210,7 +220,8 @@ class _ImplicitRoot(torch.autograd.Function):
                 "through implicit_torch is not supported: torch.func drops the outer tangents "
                 "inside a torch.autograd.Function's jvp rule (pytorch issue 197867), which "
                 "would give a silently wrong result. Use jacfwd(jacrev(f)) (= "
-                "torch.func.hessian), jacrev(jacfwd(f)) or jacrev(jacrev(f)) instead.")
+                "torch.func.hessian), jacrev(jacfwd(f)) or jacrev(jacrev(f)) instead."
+            )
         problem: _Problem = ctx.problem
         saved = ctx.saved_tensors
         n = problem.n_sol()
@@ -234,12 +245,22 @@ def _implicit_linear_solve(make_A, make_At, rhs, operands, solve, batched):
     def optimality(x, rhs, *operands):
         return tree_sub(make_A(*operands)(x), rhs)
 
-    return _implicit(solver, optimality, None, (rhs, *operands), solve, False, batched,
-                     check_closure=False, linear=(make_A, make_At))
+    return _implicit(
+        solver,
+        optimality,
+        None,
+        (rhs, *operands),
+        solve,
+        False,
+        batched,
+        check_closure=False,
+        linear=(make_A, make_At),
+    )
 
 
-def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, check_closure,
-              linear=None):
+def _implicit(
+    solver, optimality_fn, init, params, solve, has_aux, batched, check_closure, linear=None
+):
     with torch.no_grad():
         out = solver(init, *params)
     if has_aux:

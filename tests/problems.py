@@ -75,6 +75,7 @@ def dense_ift(F, x, params):
     Jx = torch.autograd.functional.jacobian(lambda z: F(z, *params), x).reshape(n, n)
     out = []
     for k, p in enumerate(params):
+
         def f(q, k=k):
             args = list(params)
             args[k] = q

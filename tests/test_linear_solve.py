@@ -83,7 +83,7 @@ def test_jacobi_preconditioner_cuts_iterations(name):
     b = torch.randn(40, generator=gen(14), dtype=DT)
     diag = torch.diagonal(A).clone()
     kw = dict(tol=1e-10, maxiter=4000, return_info=True, on_failure="ignore")
-    x_plain, info_plain = solver(name)(lambda v: A @ v, b, **kw)
+    _x_plain, info_plain = solver(name)(lambda v: A @ v, b, **kw)
     x_pre, info_pre = solver(name)(lambda v: A @ v, b, M=lambda r: r / diag, **kw)
     assert rel_err(x_pre, torch.linalg.solve(A, b)) < 1e-7
     assert int(info_pre.iterations) < int(info_plain.iterations)
@@ -116,8 +116,8 @@ def test_batched_systems_converge_individually(name):
     scales = torch.tensor([1e-3, 1e3, 1.0, 1e-2, 1e2], dtype=DT)
     A, b = batched_system(scales=scales)
     x, info = solver(name)(
-        lambda v: torch.einsum("bij,bj->bi", A, v), b, batched=True, tol=1e-12,
-        return_info=True)
+        lambda v: torch.einsum("bij,bj->bi", A, v), b, batched=True, tol=1e-12, return_info=True
+    )
     ref = torch.linalg.solve(A, b)
     errs = torch.linalg.vector_norm(x - ref, dim=1) / torch.linalg.vector_norm(ref, dim=1)
     assert bool((errs < 1e-9).all()), errs
@@ -128,8 +128,9 @@ def test_batched_systems_converge_individually(name):
 def test_batched_iterations_are_per_system():
     A = torch.stack([torch.eye(10, dtype=DT), spd(10, seed=18, cond=1000.0)])
     b = torch.randn(2, 10, generator=gen(19), dtype=DT)
-    _, info = it.solve_cg(lambda v: torch.einsum("bij,bj->bi", A, v), b, batched=True,
-                          tol=1e-12, return_info=True)
+    _, info = it.solve_cg(
+        lambda v: torch.einsum("bij,bj->bi", A, v), b, batched=True, tol=1e-12, return_info=True
+    )
     assert int(info.iterations[0]) == 1 and int(info.iterations[1]) > 5
 
 
@@ -162,7 +163,7 @@ def test_cg_detects_an_indefinite_system():
     b = torch.ones(4, dtype=DT)
     with pytest.raises(it.IndefiniteSystemError, match="not symmetric definite"):
         it.solve_cg(lambda v: A @ v, b, on_failure="raise")
-    x, info = it.solve_cg(lambda v: A @ v, b, on_failure="ignore", return_info=True)
+    _x, info = it.solve_cg(lambda v: A @ v, b, on_failure="ignore", return_info=True)
     assert bool(info.indefinite) and not bool(info.converged)
 
 

@@ -16,7 +16,8 @@ XV, YV = torch.randn(9, 4, generator=gen(41), dtype=DT), torch.randn(9, generato
 
 def implicit_w(lam, solve=None):
     return it.custom_root(ridge_F, solve=solve or tight("cg", maxiter=40))(
-        lambda init, lam, X, y: ridge_closed(lam, X, y))(None, lam, X, Y)
+        lambda init, lam, X, y: ridge_closed(lam, X, y)
+    )(None, lam, X, Y)
 
 
 def loss_implicit(lam):
@@ -50,19 +51,25 @@ def test_vjp_and_jvp():
     _, f = torch.func.vjp(implicit_w, LAM)
     _, f_ref = torch.func.vjp(lambda l: ridge_closed(l, X, Y), LAM)
     close(f(v)[0], f_ref(v)[0])
-    close(torch.func.jvp(implicit_w, (LAM,), (t,))[1],
-          torch.func.jvp(lambda l: ridge_closed(l, X, Y), (LAM,), (t,))[1])
+    close(
+        torch.func.jvp(implicit_w, (LAM,), (t,))[1],
+        torch.func.jvp(lambda l: ridge_closed(l, X, Y), (LAM,), (t,))[1],
+    )
 
 
 @pytest.mark.parametrize(
     "outer, inner",
-    [(torch.func.jacrev, torch.func.jacrev), (torch.func.jacrev, torch.func.jacfwd),
-     (torch.func.jacfwd, torch.func.jacrev)],
+    [
+        (torch.func.jacrev, torch.func.jacrev),
+        (torch.func.jacrev, torch.func.jacfwd),
+        (torch.func.jacfwd, torch.func.jacrev),
+    ],
     ids=["rev-rev", "rev-fwd", "fwd-rev"],
 )
 def test_second_order_compositions(outer, inner):
-    close(outer(inner(loss_implicit))(LAM), torch.func.hessian(loss_closed)(LAM),
-          rtol=1e-6, atol=1e-8)
+    close(
+        outer(inner(loss_implicit))(LAM), torch.func.hessian(loss_closed)(LAM), rtol=1e-6, atol=1e-8
+    )
     # Reference: reverse-over-reverse of the closed form. (torch's own jacrev(jacfwd(...)) of
     # torch.linalg.solve is off by ~1e-3 here in torch 2.13 -- checked against finite
     # differences -- so the same composition of the closed form is not a reference.)
@@ -125,7 +132,8 @@ def test_vmap_over_params_and_vmap_of_grad(solve):
     got = torch.func.vmap(lambda l: implicit_w(l, s))(lams)
     close(got, torch.stack([ridge_closed(l, X, Y) for l in lams]))
     got_g = torch.func.vmap(torch.func.grad(lambda l: ((XV @ implicit_w(l, s) - YV) ** 2).sum()))(
-        lams)
+        lams
+    )
     close(got_g, torch.stack([torch.func.grad(loss_closed)(l) for l in lams]))
 
 

@@ -124,7 +124,7 @@ def batched_cg_reference(
 
 
 def _solve(A, b, x0, rtol, atol, maxiter, jacobi):
-    B, n = b.shape
+    B, _n = b.shape
     fresh = torch.contiguous_format
     x = torch.zeros_like(b, memory_format=fresh) if x0 is None else x0.clone(memory_format=fresh)
     r = b.clone() if x0 is None else b - _matvec(A, x)

@@ -1,0 +1,122 @@
+"""Fused batched linear-algebra ops: ``batched_cg`` solves many small SPD systems at once.
+
+The work is done by the operator ``torch.ops.implicit_torch.batched_cg`` (schema in
+``csrc/implicit_torch.cpp``), served by the compiled extension ``implicit_torch._C`` (a CPU
+kernel parallel over the batch and, in a CUDA build, a CUDA kernel that solves every system in
+one launch) or, without it, by the pure-PyTorch kernel of :mod:`implicit_torch.ops._reference`,
+which follows the same algorithm step for step. :func:`batched_cg` gives the same results
+either way; :func:`extension_available` says which one runs. ``IMPLICIT_TORCH_NO_EXT=1`` (at
+build or run time) forces the pure-PyTorch kernel.
+
+The op is differentiable (``grad_b = A⁻¹ grad_x`` by one more batched CG, ``grad_A =
+−grad_b xᵀ``), has a fake kernel for ``torch.compile`` and a vmap rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from implicit_torch.ops import _registration
+from implicit_torch.ops._reference import batched_cg_reference, check_inputs, default_maxiter
+from implicit_torch.ops._registration import ExtensionWarning
+
+__all__ = [
+    "BatchedCGInfo",
+    "ExtensionWarning",
+    "batched_cg",
+    "batched_cg_reference",
+    "extension_available",
+]
+
+Tensor = torch.Tensor
+
+
+@dataclasses.dataclass
+class BatchedCGInfo:
+    """Per-system diagnostics of :func:`batched_cg` (each a ``(B,)`` tensor).
+
+    Attributes:
+        iterations: CG iterations applied to each system (int64).
+        residual_norm: ``‖b_i − A_i x_i‖`` of the returned ``x`` (absolute, recomputed after
+            the iterations; in the dtype of ``A``).
+        converged: ``residual_norm ≤ max(rtol ‖b_i‖, atol)`` (``False`` for NaN/Inf).
+    """
+
+    iterations: Tensor
+    residual_norm: Tensor
+    converged: Tensor
+
+    def __getitem__(self, field: str) -> Tensor:  # info["iterations"] also works
+        return getattr(self, field)
+
+
+def extension_available(device: str | torch.device | None = None) -> bool:
+    """Whether the compiled kernel serves :func:`batched_cg`.
+
+    Args:
+        device: ``None`` for "was the extension loaded at all", or a device (``"cpu"``,
+            ``"cuda"``) for "is there a compiled kernel for tensors on it" (a CPU-only build
+            serves CUDA tensors with the pure-PyTorch kernel).
+    """
+    if _registration.extension_module is None:
+        return False
+    if device is None:
+        return True
+    return torch.device(device).type.upper() in _registration.COMPILED_BACKENDS
+
+
+def batched_cg(
+    A: Tensor,
+    b: Tensor,
+    *,
+    x0: Tensor | None = None,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    jacobi: bool = False,
+) -> tuple[Tensor, BatchedCGInfo]:
+    """Solve ``B`` independent symmetric positive-definite systems ``A[i] x[i] = b[i]`` by CG.
+
+    Each system has its own step sizes and its own stopping test, and a stopped system is
+    frozen while the others go on: system ``i`` stops when
+    ``‖b_i − A_i x_i‖ ≤ max(rtol ‖b_i‖, atol)`` (measured on the CG residual recurrence),
+    after ``maxiter`` iterations, or when it meets a curvature ``pᵀAp ≤ 0`` (an indefinite or
+    singular matrix, or NaN/Inf in the input), which leaves it unconverged; the call never
+    raises or hangs because of the values in ``A`` and ``b``.
+
+    ``A`` must be symmetric: the kernels use its rows and columns interchangeably (a
+    non-symmetric ``A`` gives no meaningful result; it is not checked, to avoid a host sync).
+    Inputs may be non-contiguous or expanded (they are copied to a contiguous layout).
+
+    Args:
+        A: ``(B, n, n)``, float32 or float64.
+        b: ``(B, n)``, same dtype and device as ``A``.
+        x0: optional initial guess ``(B, n)`` (zeros when ``None``); it gets no gradient.
+        rtol, atol: relative and absolute tolerances on the residual norm.
+        maxiter: iteration cap per system; ``None`` means ``10 n``.
+        jacobi: precondition with ``diag(A)⁻¹`` (a system whose diagonal is not positive is
+            not positive definite and stops at once, unconverged).
+
+    Returns:
+        ``(x, info)``: the ``(B, n)`` solutions and a :class:`BatchedCGInfo`. ``x`` is
+        differentiable in ``A`` and ``b`` (the gradient of ``A⁻¹b``, as from
+        ``torch.linalg.solve``; the backward pass is one more batched CG with the same
+        options).
+
+    Raises:
+        TypeError: a non-tensor, a non-float dtype or mixed dtypes.
+        ValueError: shapes that do not match ``(B, n, n)`` / ``(B, n)``, tensors on different
+            devices, negative or non-finite tolerances, a negative ``maxiter``.
+    """
+    if maxiter is None:
+        maxiter = default_maxiter(A.shape[-1] if isinstance(A, torch.Tensor) else 0)
+    check_inputs(A, b, x0, rtol, atol, maxiter)
+    x, iterations, residual_norm = torch.ops.implicit_torch.batched_cg(
+        A, b, x0, float(rtol), float(atol), int(maxiter), bool(jacobi)
+    )
+    with torch.no_grad():
+        threshold = torch.clamp(rtol * torch.linalg.vector_norm(b, dim=-1), min=atol)
+        converged = residual_norm <= threshold
+    return x, BatchedCGInfo(iterations, residual_norm, converged)
