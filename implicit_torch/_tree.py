@@ -93,6 +93,9 @@ class Raveler:
             self.batch_size = 1
             self.sizes = [math.prod(s) for s in self.shapes]
         self.size = sum(self.sizes)
+        # A single tensor (the usual case) takes a fast path: reshapes only.
+        self.single = self.spec.is_leaf()
+        self.flat_shape = (self.batch_size, self.size)
 
     def check(self, tree: Any, what: str) -> list[torch.Tensor]:
         """Leaves of ``tree``, after checking they have this raveler's structure and shapes."""
@@ -109,6 +112,9 @@ class Raveler:
 
     def ravel(self, tree: Any, what: str = "a pytree") -> torch.Tensor:
         """The ``(B, N)`` matrix holding ``tree``'s leaves."""
+        if self.single and isinstance(tree, torch.Tensor) and tree.shape == self.shapes[0]:
+            flat = tree.reshape(self.flat_shape)
+            return flat if flat.dtype == self.dtype else flat.to(self.dtype)
         leaves = self.check(tree, what)
         return self.ravel_leaves(leaves)
 
@@ -123,6 +129,9 @@ class Raveler:
 
     def unravel(self, flat: torch.Tensor) -> Any:
         """The pytree whose leaves are held in the ``(B, N)`` matrix ``flat``."""
+        if self.single:
+            out = flat.reshape(self.shapes[0])
+            return out if out.dtype == self.dtypes[0] else out.to(self.dtypes[0])
         return tree_unflatten(self.unravel_leaves(flat), self.spec)
 
 

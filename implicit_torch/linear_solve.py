@@ -137,7 +137,7 @@ class _FlatSystem:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(dim=1)
+    return torch.linalg.vecdot(a, b, dim=1)
 
 
 def _norm(a: Tensor) -> Tensor:
@@ -167,18 +167,25 @@ def _cg(sys: _FlatSystem, maxiter: int):
 
     Works for symmetric definite systems of either sign (CG on ``−A`` has the same iterates).
     A curvature ``pᵀAp`` that is zero or changes sign marks the system indefinite and freezes it.
+
+    Where values can be read every iteration (the CPU), plain unmasked steps are taken while
+    every system is still running; the masked loop, which freezes finished systems, takes over
+    once one converges or fails (or from the start on an accelerator and under vmap).
     """
     x = sys.x0
     r = sys.b - sys.A(x) if sys.init_given else sys.b  # skip a matvec for the zero start
     z = sys.M(r)
     p = z
     rz = _dot(r, z)
-    active = _norm(r) > sys.threshold
-    iters = torch.zeros(sys.shape[0], dtype=torch.int64, device=x.device)
-    indefinite = torch.zeros_like(active)
     sign = torch.zeros_like(rz)
     inspect, interval = _runtime.can_inspect_values(), _runtime.check_interval(x.device)
-    for k in range(maxiter):
+    done = 0
+    if inspect and interval == 1:
+        done, x, r, z, p, rz, sign = _cg_while_all_active(sys, maxiter, x, r, z, p, rz)
+    active = _norm(r) > sys.threshold
+    iters = torch.full((sys.shape[0],), done, dtype=torch.int64, device=x.device)
+    indefinite = torch.zeros_like(active)
+    for k in range(done, maxiter):
         if _all_done(active, k, interval, inspect):
             break
         Ap = sys.A(p)
@@ -186,19 +193,53 @@ def _cg(sys: _FlatSystem, maxiter: int):
         sign = torch.where(sign == 0, torch.sign(pAp), sign)
         bad = active & ((pAp == 0) | (torch.sign(pAp) != sign))
         step = active & ~bad
-        alpha = _safe_div(rz, pAp, step)
-        x = x + _col(alpha) * p
-        r = r - _col(alpha) * Ap
+        alpha = _col(_safe_div(rz, pAp, step))
+        x = torch.addcmul(x, alpha, p)
+        r = torch.addcmul(r, alpha, Ap, value=-1)
         z = sys.M(r)
         rz_new = _dot(r, z)
         beta = _safe_div(rz_new, rz, step)
-        p = torch.where(_col(step), z + _col(beta) * p, p)
+        p = torch.where(_col(step), torch.addcmul(z, _col(beta), p), p)
         rz = torch.where(step, rz_new, rz)
         iters = iters + step.to(iters.dtype)
         indefinite = indefinite | bad
         active = step & (_norm(r) > sys.threshold)
     converged = (_norm(r) <= sys.threshold) & ~indefinite
     return x, iters, converged, indefinite
+
+
+def _cg_while_all_active(sys: _FlatSystem, maxiter: int, x, r, z, p, rz):
+    """Unmasked CG steps for as long as every system is running (two host reads a step).
+
+    Stops before a step whose curvature is non-positive or changes sign, and after a step that
+    brings any system to convergence (or to NaN), leaving the rest to the masked loop.
+    """
+    unpreconditioned = sys._M is None
+    rr = rz if unpreconditioned else _dot(r, r)
+    thresh2 = sys.threshold**2
+    sign = torch.zeros_like(rz)
+    k = 0
+    if not bool((rr > thresh2).all()):
+        return k, x, r, z, p, rz, sign
+    while k < maxiter:
+        Ap = sys.A(p)
+        pAp = _dot(p, Ap)
+        if k == 0:
+            sign = torch.sign(pAp)
+        if bool((pAp * sign <= 0).any()):
+            break
+        alpha = _col(rz / pAp)
+        x = torch.addcmul(x, alpha, p)
+        r = torch.addcmul(r, alpha, Ap, value=-1)
+        z = r if unpreconditioned else sys.M(r)
+        rz_new = _dot(r, z)
+        p = torch.addcmul(z, _col(rz_new / rz), p)
+        rz = rz_new
+        rr = rz if unpreconditioned else _dot(r, r)
+        k += 1
+        if not bool((rr > thresh2).all()):
+            break
+    return k, x, r, z, p, rz, sign
 
 
 def _gmres(sys: _FlatSystem, maxiter: int, restart: int):
