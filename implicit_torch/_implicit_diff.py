@@ -134,6 +134,42 @@ class _Problem:
 
         return make_A, make_At
 
+    def plain_transpose_factory(self):
+        """A value-only ``u ↦ Aᵀ u`` for the linear solver, from one retained autograd graph.
+
+        ``torch.func.vjp`` records a differentiable graph at every application; outside any
+        torch.func transform, where the linear solver only needs values, plain
+        ``torch.autograd.grad`` on a retained graph is several times cheaper per matvec.
+        Returns None where it does not apply: inside transforms, for linear sub-problems, and
+        for solvers that transform the matvec (dense solvers vmap it, normal CG transposes it).
+        """
+        if (
+            self.linear is not None
+            or _runtime.under_functorch()
+            or not linear_solve.only_applies_matvec(self.solve)
+        ):
+            return None
+        n = self.n_sol()
+
+        def make_At(*operands):
+            with torch.enable_grad():
+                xs = [x.detach().requires_grad_() for x in operands[:n]]
+                out = tree_leaves(
+                    self.residual(self.sol_tree(xs), [t.detach() for t in operands[n:]])
+                )
+
+            def At(u):
+                grads = torch.autograd.grad(
+                    out, xs, tree_leaves(u), retain_graph=True, allow_unused=True
+                )
+                return self.sol_tree(
+                    [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
+                )
+
+            return At
+
+        return make_At
+
     def vjp(self, sol_leaves, tensors, cotangents) -> list:
         """``uᵀ ∂F/∂θ`` with ``Aᵀ u = −v``: one gradient per tensor leaf (None if static)."""
         sol = self.sol_tree(sol_leaves)
@@ -141,7 +177,13 @@ class _Problem:
         neg_v = self.sol_tree([-c for c in cot])
         make_A, make_At = self.matvec_factories()
         u = _implicit_linear_solve(
-            make_At, make_A, neg_v, (*sol_leaves, *tensors), self.solve, self.batched
+            make_At,
+            make_A,
+            neg_v,
+            (*sol_leaves, *tensors),
+            self.solve,
+            self.batched,
+            make_solver_matvec=self.plain_transpose_factory(),
         )
         grads: list = [None] * len(tensors)
         if not self.diff:
@@ -229,18 +271,20 @@ class _ImplicitRoot(torch.autograd.Function):
             return tuple(problem.jvp(saved[:n], saved[n:], tangents[n:]))
 
 
-def _implicit_linear_solve(make_A, make_At, rhs, operands, solve, batched):
+def _implicit_linear_solve(make_A, make_At, rhs, operands, solve, batched, make_solver_matvec=None):
     """``x`` with ``A(operands) x = rhs``, differentiable in ``rhs`` and ``operands``.
 
     ``make_A(*operands)`` returns the linear map ``x ↦ A x`` (possibly a cached linearisation,
-    cheap to apply repeatedly) and ``make_At(*operands)`` its transpose. Derivatives go through
+    cheap to apply repeatedly) and ``make_At(*operands)`` its transpose; ``make_solver_matvec``,
+    if given, builds a value-only ``A`` for the linear solver itself. Derivatives go through
     :class:`_ImplicitRoot` with the optimality condition ``A x − rhs = 0``, whose Jacobian in
     ``x`` is ``A`` itself; so the backward of this solve is a solve with ``Aᵀ`` and its jvp
     one with ``A``, at any order.
     """
 
     def solver(_init, rhs, *operands):
-        return linear_solve.call_solver(solve, make_A(*operands), rhs, batched=batched)
+        matvec = (make_solver_matvec or make_A)(*operands)
+        return linear_solve.call_solver(solve, matvec, rhs, batched=batched)
 
     def optimality(x, rhs, *operands):
         return tree_sub(make_A(*operands)(x), rhs)

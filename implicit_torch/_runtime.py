@@ -25,6 +25,11 @@ def under_vmap() -> bool:
     return any(level.key() == _functorch.TransformType.Vmap for level in stack)
 
 
+def under_functorch() -> bool:
+    """True inside any torch.func transform (grad, vjp, jvp, vmap, ...)."""
+    return bool(_functorch.get_interpreter_stack())
+
+
 def can_inspect_values() -> bool:
     """True when Python may branch on a tensor's value (no vmap, not being compiled)."""
     if torch.compiler.is_compiling():

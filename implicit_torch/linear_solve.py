@@ -778,11 +778,24 @@ def get_solver(solve: str | Callable[..., Any]) -> Callable[..., Any]:
     return solve
 
 
-def is_builtin(solve: Callable[..., Any]) -> bool:
-    """True for the solvers of this module, also behind ``functools.partial``."""
+def _base(solve: Callable[..., Any]) -> Callable[..., Any]:
     while isinstance(solve, functools.partial):
         solve = solve.func
-    return solve in _BUILTIN
+    return solve
+
+
+def is_builtin(solve: Callable[..., Any]) -> bool:
+    """True for the solvers of this module, also behind ``functools.partial``."""
+    return _base(solve) in _BUILTIN
+
+
+def only_applies_matvec(solve: Callable[..., Any]) -> bool:
+    """True for the solvers that only evaluate ``matvec`` (no vmap over it, no transpose).
+
+    Those may be given a value-only matvec, which is cheaper; the dense solvers vmap it and
+    normal CG transposes it, and a user callable may do either.
+    """
+    return _base(solve) in (solve_cg, solve_gmres, solve_bicgstab)
 
 
 def call_solver(solve: Callable[..., Any], matvec, b, *, batched: bool):
