@@ -5,6 +5,7 @@ satisfies; the solution becomes differentiable in ``params`` through the implici
 theorem (Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022).
 """
 
+from implicit_torch import optimality, projection, prox
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
 from implicit_torch._implicit_diff import (
     custom_fixed_point,
@@ -23,17 +24,34 @@ from implicit_torch.linear_solve import (
     solve_lu,
     solve_normal_cg,
 )
+from implicit_torch.solvers import (
+    AndersonAcceleration,
+    FixedPointIteration,
+    GradientDescent,
+    OptStep,
+    ProjectedGradient,
+    ProximalGradient,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AndersonAcceleration",
     "ConvergenceError",
     "ConvergenceWarning",
+    "FixedPointIteration",
+    "GradientDescent",
     "IndefiniteSystemError",
+    "OptStep",
+    "ProjectedGradient",
+    "ProximalGradient",
     "SolveInfo",
     "custom_fixed_point",
     "custom_root",
     "implicit_solve",
+    "optimality",
+    "projection",
+    "prox",
     "root_jvp",
     "root_vjp",
     "solve_auto",

@@ -140,3 +140,55 @@ def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)
     return out
+
+
+# -- arithmetic on pytrees of tensors (used by the solvers) ------------------------------------
+
+
+def tree_add(a: Any, b: Any) -> Any:
+    """Leafwise ``a + b``."""
+    return tree_map2(torch.add, a, b)
+
+
+def tree_scalar_mul(s: Any, a: Any) -> Any:
+    """Leafwise ``s · a`` for a scalar (number or 0-d tensor) ``s``."""
+    return tree_map(lambda x: s * x, a)
+
+
+def tree_add_scalar_mul(a: Any, s: Any, b: Any) -> Any:
+    """Leafwise ``a + s · b`` for a scalar (number or 0-d tensor) ``s``."""
+    return tree_map2(lambda x, y: x + s * y, a, b)
+
+
+def tree_vdot(a: Any, b: Any) -> torch.Tensor:
+    """``Σ_leaves ⟨a, b⟩``: the inner product of two pytrees as one 0-d tensor."""
+    return sum(torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(*_leaves2(a, b)))
+
+
+def tree_l2_norm(a: Any, squared: bool = False) -> torch.Tensor:
+    """``‖a‖₂`` over all leaves (``‖a‖₂²`` when ``squared``), a 0-d tensor."""
+    sq = sum((x * x).sum() for x in tree_leaves(a))
+    return sq if squared else torch.sqrt(sq)
+
+
+def tree_zeros_like(a: Any) -> Any:
+    """A pytree of zeros shaped like ``a``."""
+    return tree_map(torch.zeros_like, a)
+
+
+def tree_where(cond: torch.Tensor, a: Any, b: Any) -> Any:
+    """Leafwise ``torch.where(cond, a, b)`` for a (0-d, or broadcastable) boolean ``cond``."""
+    return tree_map2(lambda x, y: torch.where(cond, x, y), a, b)
+
+
+def tree_detach(a: Any) -> Any:
+    """``a`` with every tensor leaf detached (other leaves unchanged)."""
+    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, a)
+
+
+def _leaves2(a: Any, b: Any) -> tuple[list, list]:
+    leaves_a, spec_a = tree_flatten(a)
+    leaves_b, spec_b = tree_flatten(b)
+    if spec_a != spec_b:
+        raise ValueError(f"pytree structures differ: {spec_a} vs {spec_b}")
+    return leaves_a, leaves_b

@@ -1,0 +1,26 @@
+"""Solvers whose solutions are differentiable in their arguments (JAXopt's names and API).
+
+Each solver is a dataclass of hyperparameters with ``run(init, *args) -> OptStep(params,
+state)``, ``init_state``, ``update`` and ``optimality_fun``; see :mod:`.base` for the shared
+conventions (implicit differentiation by default, unrolling on request, convergence checks).
+"""
+
+from implicit_torch.solvers.anderson import AndersonAcceleration, AndersonState
+from implicit_torch.solvers.base import IterativeSolver, OptStep
+from implicit_torch.solvers.fixed_point_iteration import FixedPointIteration, FixedPointState
+from implicit_torch.solvers.gradient_descent import GradientDescent
+from implicit_torch.solvers.projected_gradient import ProjectedGradient
+from implicit_torch.solvers.proximal_gradient import ProxGradState, ProximalGradient
+
+__all__ = [
+    "AndersonAcceleration",
+    "AndersonState",
+    "FixedPointIteration",
+    "FixedPointState",
+    "GradientDescent",
+    "IterativeSolver",
+    "OptStep",
+    "ProjectedGradient",
+    "ProxGradState",
+    "ProximalGradient",
+]

@@ -1,0 +1,53 @@
+"""Gradient descent, with Nesterov acceleration and backtracking line search."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from implicit_torch.optimality import make_stationarity_fun
+from implicit_torch.solvers.base import OptStep
+from implicit_torch.solvers.proximal_gradient import ProxGradState, _ProximalGradientBase
+
+__all__ = ["GradientDescent"]
+
+
+@dataclasses.dataclass
+class GradientDescent(_ProximalGradientBase):
+    """Gradient descent on a smooth objective: ``min_x fun(x, *args)``.
+
+    ``x⁺ = y − η ∇fun(y)``, with Nesterov's momentum in FISTA's form when ``acceleration``
+    (Nesterov, 1983; Beck & Teboulle, 2009) and ``y = x`` otherwise; ``stepsize ≤ 0`` selects
+    a backtracking (Armijo-type) line search. This is :class:`ProximalGradient` with ``g = 0``,
+    but differentiated through the stationarity condition ``∇ₓfun(x*, *args) = 0``, whose
+    Jacobian is the symmetric Hessian: the default linear solver is CG.
+
+    ``run(init, *args)``; ``state.error = ‖∇fun(y)‖`` at the last gradient evaluation.
+
+    Attributes:
+        fun: ``fun(x, *args)``, a scalar tensor; ``x`` a tensor or pytree.
+        stepsize, acceleration, maxls, decrease_factor, max_stepsize: see
+            :class:`ProximalGradient`.
+        maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`.
+    """
+
+    fun: Callable[..., torch.Tensor]
+
+    default_diff_solve: ClassVar[str] = "cg"
+
+    def _prox(self, v, hyperparams, eta):
+        return v
+
+    def init_state(self, init: Any, *args: Any) -> ProxGradState:
+        return self._init(init)
+
+    def update(self, params: Any, state: ProxGradState, *args: Any) -> OptStep:
+        """One (accelerated) gradient step."""
+        return self._step(params, state, None, args)
+
+    def optimality_fun(self, params: Any, *args: Any) -> Any:
+        """``∇ₓ fun(params, *args)``."""
+        return make_stationarity_fun(self.fun)(params, *args)

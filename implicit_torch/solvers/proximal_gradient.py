@@ -1,0 +1,200 @@
+"""Proximal gradient descent (ISTA) and its accelerated version (FISTA), with backtracking.
+
+Minimises ``fun(x, *args) + g(x, hyperparams_prox)`` for a smooth ``fun`` and a ``g`` given by
+its proximal operator (Beck & Teboulle, 2009, "A Fast Iterative Shrinkage-Thresholding
+Algorithm for Linear Inverse Problems"). :class:`GradientDescent` and
+:class:`ProjectedGradient` are the special cases ``g = 0`` and ``g = ι_C``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from implicit_torch import _runtime
+from implicit_torch._tree import (
+    tree_add_scalar_mul,
+    tree_l2_norm,
+    tree_leaves,
+    tree_sub,
+    tree_vdot,
+    tree_where,
+)
+from implicit_torch.optimality import make_proximal_gradient_fun
+from implicit_torch.prox import prox_none
+from implicit_torch.solvers.base import IterativeSolver, OptStep, value_and_grad
+
+__all__ = ["ProxGradState", "ProximalGradient"]
+
+Tensor = torch.Tensor
+
+
+class ProxGradState(NamedTuple):
+    """State of :class:`ProximalGradient` (and :class:`GradientDescent`).
+
+    Attributes:
+        iter_num: iterations run (int64, 0-d).
+        stepsize: the last step size used (0-d).
+        error: ``‖x⁺ − y‖ / η``, the step-normalised fixed-point residual at the last point
+            ``y`` the gradient was taken at (``‖∇fun(y)‖`` for gradient descent).
+        velocity: the extrapolated point ``y`` of the next iteration (FISTA), or ``x``.
+        t: FISTA's momentum sequence ``t_k`` (0-d).
+    """
+
+    iter_num: Tensor
+    stepsize: Tensor
+    error: Tensor
+    velocity: Any
+    t: Tensor
+
+
+@dataclasses.dataclass(kw_only=True)
+class _ProximalGradientBase(IterativeSolver):
+    """Shared iterations of proximal/projected gradient and gradient descent.
+
+    One iteration from ``x`` (with FISTA's extrapolated point ``y``; ``y = x`` without
+    acceleration): ``x⁺ = prox(y − η ∇fun(y), hyperparams_prox, η)``, then
+    ``t⁺ = (1 + √(1 + 4t²)) / 2`` and ``y⁺ = x⁺ + (t − 1)/t⁺ · (x⁺ − x)``.
+
+    Attributes:
+        stepsize: ``η > 0``: a fixed step (``1/L`` for an ``L``-Lipschitz gradient converges);
+            ``≤ 0``: backtracking line search (Beck & Teboulle, 2009, §4), starting from
+            ``max_stepsize`` and accepting ``η`` when ``fun(x⁺) ≤ fun(y) + ⟨∇fun(y), x⁺ − y⟩
+            + ‖x⁺ − y‖² / (2η)`` (up to float rounding of ``fun``). Each search starts from the
+            last accepted step, so the step never increases (as FISTA's analysis needs, and so
+            that no step is accepted only because the decrease is below rounding).
+        acceleration: FISTA momentum (Nesterov).
+        maxls: maximum number of backtracking steps per iteration.
+        decrease_factor: step shrink factor of the line search.
+        max_stepsize: first step tried by the line search.
+    """
+
+    stepsize: float = 0.0
+    acceleration: bool = True
+    maxls: int = 15
+    decrease_factor: float = 0.5
+    max_stepsize: float = 1.0
+
+    # Subclasses define the field ``fun(x, *args)``, the smooth objective.
+
+    def _prox(self, v: Any, hyperparams: Any, eta: Any) -> Any:
+        raise NotImplementedError
+
+    def _init(self, init: Any) -> ProxGradState:
+        leaf = tree_leaves(init)[0]
+        scalar = dict(dtype=leaf.dtype, device=leaf.device)
+        step = self.stepsize if self.stepsize > 0 else self.max_stepsize
+        return ProxGradState(
+            iter_num=torch.zeros((), dtype=torch.int64, device=leaf.device),
+            stepsize=torch.tensor(step, **scalar),
+            error=torch.tensor(math.inf, **scalar),
+            velocity=init,
+            t=torch.ones((), **scalar),
+        )
+
+    def _step(self, x: Any, state: ProxGradState, hyperparams: Any, args: tuple) -> OptStep:
+        y = state.velocity if self.acceleration else x
+        f_y, g_y = value_and_grad(self.fun, y, *args)
+        if self.stepsize > 0:
+            eta: Any = self.stepsize
+            x_new = self._prox(tree_add_scalar_mul(y, -eta, g_y), hyperparams, eta)
+            step = state.stepsize
+        else:
+            x_new, step = self._line_search(y, f_y, g_y, hyperparams, args, state.stepsize)
+            eta = step
+        error = tree_l2_norm(tree_sub(x_new, y)) / eta
+        if self.acceleration:
+            t_new = (1 + torch.sqrt(1 + 4 * state.t * state.t)) / 2
+            velocity = tree_add_scalar_mul(x_new, (state.t - 1) / t_new, tree_sub(x_new, x))
+        else:
+            t_new, velocity = state.t, x_new
+        new_state = ProxGradState(state.iter_num + 1, step, error, velocity, t_new)
+        return OptStep(x_new, new_state)
+
+    def _line_search(self, y, f_y, g_y, hyperparams, args, last_step):
+        """Backtracking from ``last_step``: the first accepted trial, or the last (smallest)
+        one after ``maxls``.
+
+        No host synchronisation except, on the CPU outside transforms, one read per trial to
+        stop at the first accepted step; elsewhere all ``maxls`` trials run, masked.
+        """
+        # The step never increases: near convergence the decrease of ``fun`` falls below its
+        # float resolution, and a step allowed to grow back would be accepted too large.
+        step = last_step
+        slack = 10 * torch.finfo(f_y.dtype).eps * f_y.abs()
+        stop_early = _runtime.can_inspect_values() and _runtime.check_interval(f_y.device) == 1
+        accepted = torch.zeros((), dtype=torch.bool, device=f_y.device)
+        for j in range(max(self.maxls, 1)):
+            trial = self._prox(tree_add_scalar_mul(y, -step, g_y), hyperparams, step)
+            diff = tree_sub(trial, y)
+            bound = f_y + tree_vdot(g_y, diff) + tree_l2_norm(diff, squared=True) / (2 * step)
+            ok = self.fun(trial, *args) <= bound + slack
+            if j == 0:
+                x_new, step_used = trial, step
+            else:
+                x_new = tree_where(accepted, x_new, trial)
+                step_used = torch.where(accepted, step_used, step)
+            accepted = accepted | ok
+            if stop_early and bool(accepted):
+                break
+            step = step * self.decrease_factor
+        return x_new, step_used
+
+    def _diff_stepsize(self) -> float:
+        # The step of the fixed-point condition used for differentiation (any η > 0 gives the
+        # same solution; 1/L conditions its Jacobian best). JAXopt uses 1.
+        return self.stepsize if self.stepsize > 0 else 1.0
+
+
+@dataclasses.dataclass
+class ProximalGradient(_ProximalGradientBase):
+    """Proximal gradient: ``min_x fun(x, *args) + g(x, hyperparams_prox)``.
+
+    ISTA, or FISTA with ``acceleration=True`` (Beck & Teboulle, 2009). ``run(init,
+    hyperparams_prox, *args)``; the solution is differentiable in ``hyperparams_prox`` and
+    ``args`` through the fixed point of :func:`~implicit_torch.optimality.
+    make_proximal_gradient_fun` with ``η = stepsize`` (1 with a line search).
+
+    Example::
+
+        solver = ProximalGradient(fun=least_squares, prox=prox.prox_lasso, stepsize=1 / L,
+                                  tol=1e-8)
+        w = solver.run(w0, l1reg, X, y).params
+
+    Attributes:
+        fun: the smooth part ``fun(x, *args)``, a scalar tensor.
+        prox: ``prox(v, hyperparams_prox, scaling)`` of the non-smooth part (see
+            :mod:`implicit_torch.prox`); default ``prox_none``.
+        stepsize: ``> 0`` a fixed step (``1/L`` converges for an ``L``-Lipschitz
+            ``∇fun``); ``≤ 0`` backtracking line search from ``max_stepsize``, shrinking by
+            ``decrease_factor`` at most ``maxls`` times per iteration, the step never increasing.
+        acceleration: FISTA momentum (default True).
+        maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`; the error
+            is ``‖x⁺ − y‖ / η``.
+    """
+
+    fun: Callable[..., Tensor]
+    prox: Callable[..., Any] = prox_none
+
+    def _prox(self, v, hyperparams, eta):
+        return self.prox(v, hyperparams, eta)
+
+    def init_state(self, init: Any, hyperparams_prox: Any = None, *args: Any) -> ProxGradState:
+        return self._init(init)
+
+    def update(self, params: Any, state: ProxGradState, hyperparams_prox: Any, *args) -> OptStep:
+        """One ISTA/FISTA iteration."""
+        return self._step(params, state, hyperparams_prox, args)
+
+    def optimality_fun(self, params: Any, hyperparams_prox: Any, *args: Any) -> Any:
+        """``prox(x − η∇fun(x, *args), hyperparams_prox, η) − x``."""
+        F = make_proximal_gradient_fun(self.fun, self.prox, self._diff_stepsize())
+        return F(params, hyperparams_prox, *args)
+
+    def run(self, init: Any, hyperparams_prox: Any = None, *args: Any) -> OptStep:
+        """Solve from ``init``; see :meth:`IterativeSolver.run`."""
+        return super().run(init, hyperparams_prox, *args)
