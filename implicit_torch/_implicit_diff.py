@@ -248,6 +248,13 @@ class _ImplicitRoot(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_sol):
+        if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grad_sol):
+            raise NotImplementedError(
+                "torch.autograd.grad(..., is_grads_batched=True) uses torch's legacy batching, "
+                "which cannot run implicit_torch's backward (its detach and loops have no "
+                "legacy batching rules). Use torch.func.jacrev, or torch.func.vmap over "
+                "torch.func.vjp, to get batched vector-Jacobian products."
+            )
         problem: _Problem = ctx.problem
         saved = ctx.saved_tensors
         n = problem.n_sol()

@@ -30,9 +30,15 @@ def under_functorch() -> bool:
     return bool(_functorch.get_interpreter_stack())
 
 
-def can_inspect_values() -> bool:
-    """True when Python may branch on a tensor's value (no vmap, not being compiled)."""
+def can_inspect_values(*tensors: torch.Tensor) -> bool:
+    """True when Python may branch on a tensor's value (no vmap, not being compiled).
+
+    ``tensors``, when given, are also checked for the legacy batching that
+    ``torch.autograd.grad(..., is_grads_batched=True)`` uses, which no interpreter stack shows.
+    """
     if torch.compiler.is_compiling():
+        return False
+    if any(_functorch.is_legacy_batchedtensor(t) for t in tensors):
         return False
     return not under_vmap()
 

@@ -117,6 +117,7 @@ class _FlatSystem:
             raise ValueError(f"tol and atol must be non-negative, got tol={tol}, atol={atol}")
         self.tol, self.atol = tol, atol
         self.bnorm = _norm(self.b)
+        self.inspect = _runtime.can_inspect_values(self.b)
         self.threshold = torch.clamp(tol * self.bnorm, min=atol)
 
     @property
@@ -178,7 +179,7 @@ def _cg(sys: _FlatSystem, maxiter: int):
     p = z
     rz = _dot(r, z)
     sign = torch.zeros_like(rz)
-    inspect, interval = _runtime.can_inspect_values(), _runtime.check_interval(x.device)
+    inspect, interval = sys.inspect, _runtime.check_interval(x.device)
     done = 0
     if inspect and interval == 1:
         done, x, r, z, p, rz, sign = _cg_while_all_active(sys, maxiter, x, r, z, p, rz)
@@ -256,7 +257,7 @@ def _gmres(sys: _FlatSystem, maxiter: int, restart: int):
     res = _norm(r)
     active = res > sys.threshold
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
-    inspect = _runtime.can_inspect_values()
+    inspect = sys.inspect
     done = 0
     m = max(1, min(restart, N, maxiter))
     eps = torch.finfo(x.dtype).eps
@@ -330,7 +331,7 @@ def _bicgstab(sys: _FlatSystem, maxiter: int):
     active = _norm(r) > sys.threshold
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
     broken = torch.zeros_like(active)
-    inspect, interval = _runtime.can_inspect_values(), _runtime.check_interval(x.device)
+    inspect, interval = sys.inspect, _runtime.check_interval(x.device)
     for k in range(maxiter):
         if _all_done(active, k, interval, inspect):
             break
@@ -424,7 +425,7 @@ def _dense(sys: _FlatSystem, method: str):
     A = materialize(sys.A, B, N, sys.b.dtype, sys.b.device)
     note = None
     if method == "cholesky":
-        if not _runtime.can_inspect_values():
+        if not sys.inspect:
             # Symmetry and definiteness cannot be checked here: LU is right in every case.
             return lu_solve_dense(A, sys.b), "lu", None
         if _is_symmetric(A):
@@ -471,11 +472,11 @@ def _finish(
     """Check the outcome, then return ``x`` as a pytree (and the info when asked)."""
     if on_failure not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_failure must be 'warn', 'raise' or 'ignore', got {on_failure!r}")
-    need_residual = return_info or (on_failure != "ignore" and _runtime.can_inspect_values())
+    need_residual = return_info or (on_failure != "ignore" and sys.inspect)
     residual = sys.residual_norm(x) if need_residual else None
     if residual is not None:
         converged = converged & torch.isfinite(residual)
-    if on_failure != "ignore" and _runtime.can_inspect_values():
+    if on_failure != "ignore" and sys.inspect:
         _report(sys, method, iters, converged, indefinite, residual, on_failure, note)
     out = sys.raveler.unravel(x)
     if not return_info:
@@ -720,7 +721,7 @@ def solve_auto(
     """
     sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
     B, N = sys.shape
-    inspect = _runtime.can_inspect_values()
+    inspect = sys.inspect
     if N <= AUTO_DENSE_MAX_N and B * N * N <= AUTO_DENSE_MAX_ENTRIES:
         A = materialize(sys.A, B, N, sys.b.dtype, sys.b.device)
         if inspect and _is_symmetric(A):

@@ -152,3 +152,10 @@ def test_forward_mode_ad_api():
         w = implicit_w(fwAD.make_dual(LAM, t))
         tangent = fwAD.unpack_dual(w).tangent
     close(tangent, torch.func.jvp(lambda l: ridge_closed(l, X, Y), (LAM,), (t,))[1])
+
+
+def test_legacy_batched_grads_are_refused_with_a_pointer_to_torch_func():
+    lam = LAM.clone().requires_grad_()
+    w = implicit_w(lam)
+    with pytest.raises(NotImplementedError, match=r"torch\.func\.jacrev"):
+        torch.autograd.grad(w, lam, torch.eye(4, dtype=DT), is_grads_batched=True)
