@@ -118,5 +118,5 @@ def batched_cg(
     )
     with torch.no_grad():
         threshold = torch.clamp(rtol * torch.linalg.vector_norm(b, dim=-1), min=atol)
-        converged = residual_norm <= threshold
+        converged = (residual_norm <= threshold) & torch.isfinite(residual_norm)
     return x, BatchedCGInfo(iterations, residual_norm, converged)

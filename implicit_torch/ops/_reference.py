@@ -42,7 +42,7 @@ def check_inputs(
 ) -> None:
     """Raise ``TypeError`` / ``ValueError`` (naming the argument) for inputs the op rejects.
 
-    The same rules are enforced by ``TORCH_CHECK`` in ``csrc/batched_cg_checks.h``; this
+    The same rules are enforced by ``TORCH_CHECK`` in ``csrc/batched_cg.h``; this
     Python copy serves the public wrapper, the fake kernel and the Python-registered kernel.
     """
     for name, t in (("A", A), ("b", b), ("x0", x0)):

@@ -60,11 +60,12 @@ def _load_extension():
         return None
     try:
         module = importlib.import_module("implicit_torch._C")
-    except ImportError as exc:  # not built, or built against another torch (undefined symbol)
+    except (ImportError, OSError) as exc:  # not built, or built for another torch
         if isinstance(exc, ModuleNotFoundError) and exc.name == "implicit_torch._C":
             why = "it is not built"
         else:
-            why = f"it failed to load ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            first_line = (str(exc).splitlines() or [""])[0]
+            why = f"it failed to load ({type(exc).__name__}: {first_line})"
         warnings.warn(
             f"implicit_torch: compiled extension unavailable, {why}; using the pure-PyTorch "
             f"batched_cg (set {ENV_DISABLE}=1 to silence).",
@@ -90,6 +91,15 @@ def _has_schema() -> bool:
 
 if not _has_schema():
     _LIB.define(SCHEMA)
+elif str(torch.ops.implicit_torch.batched_cg.default._schema) != str(
+    torch._C.parse_schema(f"{NAMESPACE}::{SCHEMA}")
+):
+    warnings.warn(
+        "implicit_torch: the compiled extension defines batched_cg with another schema (a stale "
+        "build?); rebuild it with `pip install --no-build-isolation -e .`.",
+        ExtensionWarning,
+        stacklevel=2,
+    )
 
 
 def _python_kernel(A, b, x0, rtol, atol, maxiter, jacobi=False):

@@ -1,0 +1,55 @@
+// Shared declarations of the implicit_torch::batched_cg kernels (CPU and CUDA glue).
+//
+// Semantics (identical in every kernel and in implicit_torch/ops/_reference.py):
+//   x = x0 (zeros when absent), r = b - A x, z = D^-1 r with D = diag(A) under Jacobi
+//   preconditioning (z = r otherwise), p = z; each iteration
+//   alpha = r'z / p'Ap, x += alpha p, r -= alpha Ap, beta = r'z (new) / r'z (old), p = z + beta p.
+//   System i stops when ||r_i|| <= max(rtol ||b_i||, atol) (converged), after maxiter
+//   iterations, or when p'Ap is not positive (indefinite/singular matrix, NaN or Inf): it is then
+//   frozen. A Jacobi diagonal that is not positive stops the system before the first iteration.
+//   iterations[i] counts the updates applied; residual_norm[i] = ||b_i - A_i x_i|| of the
+//   returned x, recomputed after the loop.
+//   A must be symmetric (not checked): the kernels compute A p as sum_k A[k, :] p[k] (row k read
+//   as column k), which keeps every inner loop contiguous, and the CPU kernel reads only the
+//   upper triangle of matrices of 1 MiB or more.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <optional>
+
+namespace implicit_torch {
+
+// Argument checks shared by the CPU and CUDA kernels; the Python wrapper and the fake kernel
+// apply the same rules (implicit_torch/ops/_reference.py: check_inputs).
+inline void check_batched_cg_inputs(const at::Tensor& A, const at::Tensor& b,
+                                    const std::optional<at::Tensor>& x0, double rtol, double atol,
+                                    int64_t maxiter) {
+  TORCH_CHECK_TYPE(A.layout() == at::kStrided, "batched_cg: A must be a dense (strided) tensor");
+  TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+                   "batched_cg: A must be float32 or float64, got ", A.scalar_type());
+  TORCH_CHECK_VALUE(A.dim() == 3 && A.size(1) == A.size(2),
+                    "batched_cg: A must have shape (B, n, n), got ", A.sizes());
+  const int64_t B = A.size(0), n = A.size(1);
+  auto check_vector = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "batched_cg: ", name,
+                     " must be a dense (strided) tensor");
+    TORCH_CHECK_TYPE(t.scalar_type() == A.scalar_type(), "batched_cg: ", name, " has dtype ",
+                     t.scalar_type(), " but A has ", A.scalar_type(), "; they must match");
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == B && t.size(1) == n, "batched_cg: ", name,
+                      " must have shape (B, n) = (", B, ", ", n, ") to match A of shape ",
+                      A.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_VALUE(t.device() == A.device(), "batched_cg: ", name, " is on ", t.device(),
+                      " but A is on ", A.device(), "; they must match");
+  };
+  check_vector(b, "b");
+  if (x0.has_value()) check_vector(*x0, "x0");
+  TORCH_CHECK_VALUE(std::isfinite(rtol) && std::isfinite(atol) && rtol >= 0 && atol >= 0,
+                    "batched_cg: rtol and atol must be finite and non-negative, got rtol=", rtol,
+                    ", atol=", atol);
+  TORCH_CHECK_VALUE(maxiter >= 0, "batched_cg: maxiter must be non-negative, got ", maxiter);
+}
+
+}  // namespace implicit_torch
