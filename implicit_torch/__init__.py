@@ -5,7 +5,7 @@ satisfies; the solution becomes differentiable in ``params`` through the implici
 theorem (Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022).
 """
 
-from implicit_torch import optimality, projection, prox
+from implicit_torch import ops, optimality, projection, prox
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
 from implicit_torch._implicit_diff import (
     custom_fixed_point,
@@ -49,6 +49,7 @@ __all__ = [
     "custom_fixed_point",
     "custom_root",
     "implicit_solve",
+    "ops",
     "optimality",
     "projection",
     "prox",

@@ -45,11 +45,13 @@ from implicit_torch._tree import Raveler
 
 __all__ = [
     "SolveInfo",
+    "auto_fused_budget",
     "get_solver",
     "solve_auto",
     "solve_bicgstab",
     "solve_cg",
     "solve_cholesky",
+    "solve_formed",
     "solve_gmres",
     "solve_lu",
     "solve_normal_cg",
@@ -68,6 +70,29 @@ AUTO_DENSE_MAX_ENTRIES = 2**24
 # (pytorch issue 142815: "Pivots given to lu_solve must all be greater or equal to 1", or a
 # hang). Such solves run on one thread.
 _CPU_BATCHED_LU_SAFE_N = 160
+
+# The fused batched CG (implicit_torch.ops.batched_cg) on formed blocks. Thresholds measured on
+# the 2-core CPU of benchmarks/RESULTS.md ("Fused batched CG" and "Choosing a dense solver"),
+# torch 2.13, condition numbers 1e2-1e6:
+# * Below 32 unknowns per system Cholesky is as fast as the fused CG (within ±20%) and exact,
+#   so "auto" keeps Cholesky there.
+# * A fused CG iteration costs about 1/n-th of a batched Cholesky solve for n <= 64 and about
+#   1/100-th to 1/190-th for n in 128..256. "auto" therefore gives the fused CG a budget of
+#   clamp(1.5 n, 32, 128) iterations and solves the systems that miss the tolerance within it
+#   by Cholesky: a well-conditioned batch costs the fused CG alone, an ill-conditioned one at
+#   most about twice a Cholesky solve.
+# * solve="cg" never forms blocks to use the fused kernel: forming them takes N vmapped
+#   matvecs, which on batched problems cost 1.4-20x a whole matrix-free CG solve
+#   (benchmarks/batched_backward.py; vmap copies the unbatched operands once per column).
+# Only devices with a compiled kernel qualify: the pure-PyTorch fallback is slower than
+# Cholesky, and the CUDA kernel has no measurements yet (no GPU at hand when this was written).
+AUTO_FUSED_MIN_N = 16
+_FUSED_MEASURED_DEVICES = ("cpu",)
+
+
+def auto_fused_budget(n: int) -> int:
+    """Iterations the fused CG gets in "auto" before Cholesky takes over: clamp(1.5 n, 32, 128)."""
+    return int(min(max(1.5 * n, 32), 128))
 
 
 @dataclasses.dataclass
@@ -367,12 +392,14 @@ def _bicgstab(sys: _FlatSystem, maxiter: int):
 # --------------------------------------------------------------------------------------------
 
 
-def materialize(matvec_flat: Flat, batch: int, n: int, dtype, device) -> Tensor:
+def materialize(
+    matvec_flat: Flat, batch: int, n: int, dtype, device, loop_fallback: bool = True
+) -> Tensor | None:
     """The ``(B, N, N)`` blocks of a block-diagonal flat operator, from N (batched) matvecs.
 
     Column ``j`` of every block is ``matvec(e_j)`` with ``e_j`` repeated for all systems. The
     matvecs are vectorised with ``torch.func.vmap``; a matvec that vmap cannot handle is called
-    once per column instead.
+    once per column instead, or, with ``loop_fallback=False``, ``None`` is returned.
     """
     eye = torch.eye(n, dtype=dtype, device=device)
 
@@ -382,8 +409,112 @@ def materialize(matvec_flat: Flat, batch: int, n: int, dtype, device) -> Tensor:
     try:
         cols = torch.func.vmap(column)(eye)  # (N, B, N)
     except Exception:  # not vmappable: loop instead (a real error re-raises there)
+        if not loop_fallback:
+            return None
         cols = torch.stack([column(eye[j]) for j in range(n)])
     return cols.permute(1, 2, 0)
+
+
+def _formed_is_symmetric(A: Tensor) -> bool:
+    """``vᵀ(A w) = wᵀ(A v)`` per block, for two fixed pseudo-random probe vectors.
+
+    One pass over ``A`` (a ``(B N, N) × (N, 2)`` product), where comparing ``A`` with
+    ``Aᵀ`` entry by entry reads ``A`` transposed and cost three fused CG solves in
+    benchmarks/batched_cg.py. The tolerance, ``1e3·eps`` relative, admits the round-off
+    asymmetry of blocks formed by autodiff and nothing a solver would notice.
+    """
+    B, N, _ = A.shape
+    idx = torch.arange(N, dtype=A.dtype, device=A.device)
+    probes = torch.stack([torch.sin(1.7 * idx + 0.3), torch.cos(2.3 * idx + 1.1)], dim=1)
+    AP = (A.reshape(B * N, N) @ probes).reshape(B, N, 2)  # A v, A w: one GEMM for all blocks
+    C = AP.mT @ probes  # (B, 2, 2): C[i, 0, 1] = (A v)ᵀ w, C[i, 1, 0] = (A w)ᵀ v
+    scale = torch.linalg.vector_norm(AP, dim=(1, 2)) * torch.linalg.vector_norm(probes)
+    eps = torch.finfo(A.dtype).eps
+    return bool(((C[:, 0, 1] - C[:, 1, 0]).abs() <= 1e3 * eps * scale).all())
+
+
+def _fused_kernel_serves(sys: _FlatSystem) -> bool:
+    """Whether the compiled fused CG runs, measured, on this system's device (and values can be
+    read, which the fallback to Cholesky needs)."""
+    from implicit_torch import ops  # late: ops loads the compiled extension
+
+    device = sys.b.device
+    return (
+        sys.inspect and device.type in _FUSED_MEASURED_DEVICES and ops.extension_available(device)
+    )
+
+
+# The fused CG stops on its recurrence residual; the true residual ‖b − A x‖ it returns lies a
+# few times above that in float32 (benchmarks/RESULTS.md: up to 6x at rtol 1e-6), where a
+# Cholesky solve is no more accurate. Such systems count as solved; only a true residual more
+# than this factor above the target (budget exhausted, breakdown, NaN) sends a system on to
+# Cholesky.
+_FUSED_ROUNDOFF_SLACK = 10.0
+
+
+def _fused_cg(sys: _FlatSystem, A: Tensor, maxiter: int):
+    """The fused batched CG on formed symmetric blocks: ``(x, iterations, solved)``, with
+    ``solved`` judged on the true residual the kernel returns (see the slack above)."""
+    from implicit_torch import ops
+
+    x, info = ops.batched_cg(
+        A,
+        sys.b,
+        x0=sys.x0 if sys.init_given else None,
+        rtol=sys.tol,
+        atol=sys.atol,
+        maxiter=maxiter,
+    )
+    res = info.residual_norm
+    solved = torch.isfinite(res) & (res <= _FUSED_ROUNDOFF_SLACK * sys.threshold)
+    return x, info.iterations, solved
+
+
+def _cholesky_or_lu(A: Tensor, b: Tensor) -> tuple[Tensor, str]:
+    """Cholesky for symmetric positive-definite blocks, LU when any block is not."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if not bool(info.any()):
+        return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1), "cholesky"
+    return lu_solve_dense(A, b), "lu"
+
+
+def solve_formed(A: Tensor, b: Tensor, *, tol: float | None = None, atol: float = 0.0):
+    """``solve="auto"``'s choice for formed blocks: solve ``A[i] x[i] = b[i]``.
+
+    Symmetric blocks of at least ``AUTO_FUSED_MIN_N`` unknowns on a device with a compiled,
+    measured fused kernel go to :func:`implicit_torch.ops.batched_cg` with a budget of
+    :func:`auto_fused_budget` iterations; the systems that miss ``max(tol ‖b_i‖, atol)`` within
+    it, and every other symmetric case, go to Cholesky; blocks that are not symmetric positive
+    definite go to LU.
+
+    Args:
+        A: ``(B, N, N)`` float blocks.
+        b: ``(B, N)``.
+        tol, atol: as for the solvers (``tol=None``: 1e-10 in float64, 1e-5 otherwise).
+
+    Returns:
+        ``(x, method)`` with ``x`` of shape ``(B, N)`` and ``method`` one of ``"batched_cg"``,
+        ``"batched_cg+cholesky"``, ``"cholesky"``, ``"lu"``.
+    """
+    sys = _FlatSystem(
+        lambda v: torch.bmm(A, v.unsqueeze(-1)).squeeze(-1), b, None, None, None, True, tol, atol
+    )
+    return _solve_formed(sys, A)
+
+
+def _solve_formed(sys: _FlatSystem, A: Tensor) -> tuple[Tensor, str]:
+    N = sys.shape[1]
+    if not (sys.inspect and _formed_is_symmetric(A)):
+        return lu_solve_dense(A, sys.b), "lu"
+    if N < AUTO_FUSED_MIN_N or not _fused_kernel_serves(sys):
+        return _cholesky_or_lu(A, sys.b)
+    x, _, converged = _fused_cg(sys, A, auto_fused_budget(N))
+    if bool(converged.all()):
+        return x, "batched_cg"
+    missed = (~converged).nonzero().squeeze(-1)
+    x_missed, method = _cholesky_or_lu(A[missed], sys.b[missed])
+    x = x.index_copy(0, missed, x_missed)
+    return x, f"batched_cg+{method}"
 
 
 @contextlib.contextmanager
@@ -548,7 +679,8 @@ def solve_cg(
     docstring for the shared arguments.
     """
     sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
-    x, iters, conv, indef = _cg(sys, _default_maxiter(sys, maxiter))
+    maxiter = _default_maxiter(sys, maxiter)
+    x, iters, conv, indef = _cg(sys, maxiter)
     return _finish(sys, x, "cg", iters, conv, indef, on_failure, return_info)
 
 
@@ -708,34 +840,49 @@ def solve_auto(
     on_failure="warn",
     return_info=False,
 ):
-    """Choose a solver by size and structure, then solve ``A x = b``.
+    """Choose a solver by size, structure and device, then solve ``A x = b``.
 
-    * Small systems (at most ``AUTO_DENSE_MAX_N`` = 256 unknowns per system and at most 2**24
-      matrix entries in all) are formed and solved directly: Cholesky when the formed matrix
-      is symmetric positive definite, LU otherwise.
-    * Larger systems are probed for symmetry with two matvecs (``vᵀAw = wᵀAv``). A symmetric
-      one goes to CG; if CG meets indefiniteness or does not converge, GMRES takes over from
-      CG's iterate. A non-symmetric one goes to GMRES.
-    * Under ``torch.func.vmap`` values cannot be inspected: small systems use LU, larger ones
-      GMRES.
+    "Small" means at most ``AUTO_DENSE_MAX_N`` = 256 unknowns per system and at most 2**24
+    matrix entries in all; "forming" a small system takes N vmapped matvecs and then
+    :func:`solve_formed` solves the blocks (symmetric ones of 32 or more unknowns by the fused
+    batched CG where its compiled kernel runs, with Cholesky for the systems it leaves
+    unconverged within its iteration budget; other symmetric positive-definite blocks by
+    Cholesky; the rest by LU).
+
+    * A single small system (``batched=False``) is formed and solved directly: exact, and
+      indifferent to conditioning and symmetry.
+    * Batched and large systems are probed for symmetry with two matvecs (``vᵀAw = wᵀAv``).
+      A symmetric one goes to matrix-free CG: forming B blocks by vmap costs more than a whole
+      CG solve on batched problems (vmap copies unbatched operands once per column;
+      1.6-19x slower than CG in benchmarks/batched_backward.py). If CG meets indefiniteness or
+      has not converged after ``2 N`` iterations, a small system is formed and solved
+      directly instead, a large one is handed to GMRES from CG's iterate.
+    * A non-symmetric batched system is formed when small (LU), GMRES otherwise.
+    * Under ``torch.func.vmap`` values cannot be inspected: small systems are formed (LU),
+      larger ones go to GMRES.
     """
     sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
     B, N = sys.shape
     inspect = sys.inspect
-    if N <= AUTO_DENSE_MAX_N and B * N * N <= AUTO_DENSE_MAX_ENTRIES:
+    small = N <= AUTO_DENSE_MAX_N and B * N * N <= AUTO_DENSE_MAX_ENTRIES
+
+    def formed(prefix: str = ""):
         A = materialize(sys.A, B, N, sys.b.dtype, sys.b.device)
-        if inspect and _is_symmetric(A):
-            L, info = torch.linalg.cholesky_ex(A)
-            if not bool(info.any()):
-                x = torch.cholesky_solve(sys.b.unsqueeze(-1), L).squeeze(-1)
-                return _dense_finish(sys, x, "cholesky", on_failure, return_info)
-        return _dense_finish(sys, lu_solve_dense(A, sys.b), "lu", on_failure, return_info)
+        x, method = _solve_formed(sys, A)
+        return _dense_finish(sys, x, prefix + method, on_failure, return_info)
+
+    if small and (not batched or not inspect):
+        return formed()
     iters_cap = _default_maxiter(sys, maxiter)
     if inspect and _probe_symmetric(sys):
-        x, iters, conv, indef = _cg(sys, iters_cap)
+        x, iters, conv, indef = _cg(sys, min(iters_cap, 2 * N) if small else iters_cap)
         if bool(conv.all()):
             return _finish(sys, x, "cg", iters, conv, indef, on_failure, return_info)
+        if small:
+            return formed("cg+")
         sys.x0, sys.init_given = x, True
+    elif small:
+        return formed()
     x, iters, conv, _ = _gmres(sys, iters_cap, 20)
     return _finish(sys, x, "gmres", iters, conv, None, on_failure, return_info)
 
