@@ -1,13 +1,17 @@
 # Two entry points on a fresh clone (see README.md):
 #   make demo   creates .venv, installs everything, runs the main example (prints, writes a PNG)
-#   make test   creates .venv, installs everything, runs the test suite
+#   make test   creates .venv, installs everything, runs the test suite twice: with the compiled
+#               extension, then with IMPLICIT_TORCH_NO_EXT=1 (its pure-PyTorch fallback)
+# IMPLICIT_TORCH_STRICT_BUILD=1 (set by .ci/run) makes a failed compile of csrc/ an error.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint clean
 
-$(STAMP): requirements-dev.txt pyproject.toml setup.py
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+
+$(STAMP): requirements-dev.txt pyproject.toml setup.py $(CSRC)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: it is a build dependency of the extension.
@@ -21,6 +25,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	IMPLICIT_TORCH_NO_EXT=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
