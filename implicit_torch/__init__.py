@@ -5,7 +5,7 @@ satisfies; the solution becomes differentiable in ``params`` through the implici
 theorem (Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022).
 """
 
-from implicit_torch import ops, optimality, projection, prox
+from implicit_torch import nn, ops, optimality, projection, prox
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
 from implicit_torch._implicit_diff import (
     custom_fixed_point,
@@ -22,6 +22,7 @@ from implicit_torch.linear_solve import (
     solve_cholesky,
     solve_gmres,
     solve_lu,
+    solve_neumann,
     solve_normal_cg,
 )
 from implicit_torch.solvers import (
@@ -49,6 +50,7 @@ __all__ = [
     "custom_fixed_point",
     "custom_root",
     "implicit_solve",
+    "nn",
     "ops",
     "optimality",
     "projection",
@@ -61,5 +63,6 @@ __all__ = [
     "solve_cholesky",
     "solve_gmres",
     "solve_lu",
+    "solve_neumann",
     "solve_normal_cg",
 ]

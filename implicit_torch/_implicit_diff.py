@@ -258,7 +258,11 @@ class _ImplicitRoot(torch.autograd.Function):
         problem: _Problem = ctx.problem
         saved = ctx.saved_tensors
         n = problem.n_sol()
-        grads = problem.vjp(saved[:n], saved[n:], grad_sol)
+        # Autocast off, and float16/bfloat16 promoted: the solve runs in float32 or float64.
+        with _runtime.full_precision():
+            up = [_runtime.upcast(t) for t in saved]
+            grads = problem.vjp(up[:n], up[n:], [_runtime.upcast(g) for g in grad_sol])
+        grads = [g if g is None else g.to(t.dtype) for g, t in zip(grads, saved[n:])]
         return (None, *([None] * n), *grads)
 
     @staticmethod
@@ -274,8 +278,10 @@ class _ImplicitRoot(torch.autograd.Function):
         problem: _Problem = ctx.problem
         saved = ctx.saved_tensors
         n = problem.n_sol()
-        with _runtime.running_jvp_rule():
-            return tuple(problem.jvp(saved[:n], saved[n:], tangents[n:]))
+        with _runtime.running_jvp_rule(), _runtime.full_precision():
+            up = [_runtime.upcast(t) for t in saved]
+            outs = problem.jvp(up[:n], up[n:], [_runtime.upcast(t) for t in tangents[n:]])
+        return tuple(o.to(x.dtype) for o, x in zip(outs, saved[:n]))
 
 
 def _implicit_linear_solve(make_A, make_At, rhs, operands, solve, batched, make_solver_matvec=None):

@@ -108,3 +108,29 @@ def forward_over_forward() -> bool:
         return False
     active = set(_rules.__dict__.get("levels", []))
     return any(level not in active for level in levels[:-1] if level != max(levels))
+
+
+# Floating dtypes too coarse for a linear solve: derivatives are computed in float32 instead.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def full_precision():
+    """Disable ``torch.autocast`` (every device type) for the derivative computations.
+
+    Policy: the linear solves and the derivatives of the optimality function run in the dtypes
+    of the solution and parameters (float32 or float64), whatever autocast would pick, so that
+    a ``loss.backward()`` inside an autocast region does not solve in bfloat16/float16.
+    """
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def upcast(t):
+    """``t`` in float32 if it is a float16/bfloat16 tensor, else ``t`` itself."""
+    if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION:
+        return t.float()
+    return t

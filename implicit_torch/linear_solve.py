@@ -54,6 +54,7 @@ __all__ = [
     "solve_formed",
     "solve_gmres",
     "solve_lu",
+    "solve_neumann",
     "solve_normal_cg",
 ]
 
@@ -232,6 +233,39 @@ def _cg(sys: _FlatSystem, maxiter: int):
         active = step & (_norm(r) > sys.threshold)
     converged = (_norm(r) <= sys.threshold) & ~indefinite
     return x, iters, converged, indefinite
+
+
+def _neumann(sys: _FlatSystem, maxiter: int):
+    """Richardson iteration ``x ← x + ω M(b − A x)`` with ``ω = ±1`` per system, the sign of
+    ``⟨r₀, A r₀⟩``: from ``x = 0`` and without ``M``, the partial sums of the Neumann series
+    of ``(ωA)⁻¹``. The sign makes a fixed-point condition converge whichever way it is
+    written: ``A = I − ∂f/∂z`` (``F = z − f(z)``) or ``A = ∂f/∂z − I`` (``F = f(z) − z``, the
+    engine's form for fixed points).
+
+    Converges iff the spectral radius of ``I − ωMA`` is below 1 (for fixed points: ``f``
+    contractive). A system whose residual grows 1e6-fold or becomes non-finite is frozen as
+    diverged.
+    """
+    x = sys.x0
+    r = sys.b - sys.A(x) if sys.init_given else sys.b
+    r0 = _norm(r)
+    omega = _col(torch.where(_dot(r, sys.A(r)) < 0, -1.0, 1.0).to(r.dtype))
+    active = r0 > sys.threshold
+    iters = torch.zeros(sys.shape[0], dtype=torch.int64, device=x.device)
+    diverged = torch.zeros_like(active)
+    inspect, interval = sys.inspect, _runtime.check_interval(x.device)
+    for k in range(maxiter):
+        if _all_done(active, k, interval, inspect):
+            break
+        x = torch.where(_col(active), x + omega * sys.M(r), x)
+        r = torch.where(_col(active), sys.b - sys.A(x), r)
+        rn = _norm(r)
+        iters = iters + active.to(iters.dtype)
+        bad = active & (~torch.isfinite(rn) | (rn > 1e6 * r0))
+        diverged = diverged | bad
+        active = active & ~bad & (rn > sys.threshold)
+    converged = (_norm(r) <= sys.threshold) & ~diverged
+    return x, iters, converged, diverged
 
 
 def _cg_while_all_active(sys: _FlatSystem, maxiter: int, x, r, z, p, rz):
@@ -684,6 +718,43 @@ def solve_cg(
     return _finish(sys, x, "cg", iters, conv, indef, on_failure, return_info)
 
 
+def solve_neumann(
+    matvec,
+    b,
+    *,
+    init=None,
+    ridge=None,
+    tol=None,
+    atol=0.0,
+    maxiter=None,
+    M=None,
+    batched=False,
+    on_failure="warn",
+    return_info=False,
+):
+    """Solve ``A x = b`` by Richardson iteration ``x ← x ± M(b − A x)`` (the truncated Neumann
+    series ``Σₖ (I ∓ A)ᵏ (±b)`` without ``M``; the sign, per system, is that of ``⟨b, A b⟩``).
+
+    For fixed-point systems ``A = ±(I − ∂f/∂z)`` with a contractive ``f`` (deep equilibrium
+    models): one matvec per iteration, no inner products, convergence at the contraction rate.
+    It diverges when the spectral radius of ``∂f/∂z`` is 1 or more; a residual that grows
+    1e6-fold is reported as divergence. ``maxiter`` defaults to ``10 N``.
+    """
+    sys = _make_system(matvec, b, init, ridge, M, batched, tol, atol)
+    x, iters, conv, diverged = _neumann(sys, _default_maxiter(sys, maxiter))
+    if on_failure != "ignore" and sys.inspect and bool(diverged.any()):
+        msg = (
+            "implicit_torch: solve_neumann diverged: the residual grew 1e6-fold, so the "
+            "spectral radius of I − A is 1 or more (the fixed-point map is not contractive). "
+            "Use solve='gmres' or 'lu'."
+        )
+        if on_failure == "raise":
+            raise ConvergenceError(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=2)
+        on_failure = "ignore"  # reported once, above
+    return _finish(sys, x, "neumann", iters, conv, None, on_failure, return_info)
+
+
 def solve_normal_cg(
     matvec,
     b,
@@ -900,6 +971,7 @@ def _dense_finish(sys, x, method, on_failure, return_info):
 SOLVERS: dict[str, Callable[..., Any]] = {
     "cg": solve_cg,
     "normal_cg": solve_normal_cg,
+    "neumann": solve_neumann,
     "gmres": solve_gmres,
     "bicgstab": solve_bicgstab,
     "lu": solve_lu,
@@ -943,7 +1015,7 @@ def only_applies_matvec(solve: Callable[..., Any]) -> bool:
     Those may be given a value-only matvec, which is cheaper; the dense solvers vmap it and
     normal CG transposes it, and a user callable may do either.
     """
-    return _base(solve) in (solve_cg, solve_gmres, solve_bicgstab)
+    return _base(solve) in (solve_cg, solve_gmres, solve_bicgstab, solve_neumann)
 
 
 def call_solver(solve: Callable[..., Any], matvec, b, *, batched: bool):

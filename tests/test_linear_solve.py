@@ -309,3 +309,48 @@ def test_auto_picks_by_size_and_structure():
     A_ind = 0.5 * (A_ind + A_ind.T)
     x, info = it.solve_auto(lambda v: A_ind @ v, b, tol=1e-10, return_info=True)
     assert info.method == "gmres" and rel_err(x, torch.linalg.solve(A_ind, b)) < 1e-7
+
+
+# --- Neumann series (Richardson) -------------------------------------------------------------
+
+
+def _contraction_system(n, radius, seed):
+    J = torch.randn(n, n, generator=gen(seed), dtype=DT)
+    J = radius * J / torch.linalg.matrix_norm(J, ord=2)
+    return torch.eye(n, dtype=DT) - J
+
+
+def test_neumann_solves_contractive_fixed_point_systems():
+    A, b = _contraction_system(12, 0.6, seed=50), torch.randn(12, generator=gen(51), dtype=DT)
+    x, info = it.solve_neumann(lambda v: A @ v, b, tol=1e-12, return_info=True)
+    assert rel_err(x, torch.linalg.solve(A, b)) < 1e-10
+    assert info.method == "neumann" and bool(info.converged)
+    # the error shrinks at the contraction rate: at most ~log(1e-12)/log(0.6) ≈ 55 steps
+    assert int(info.iterations) <= 60
+
+
+def test_neumann_batched_systems_converge_individually():
+    A = torch.stack([_contraction_system(6, r, seed=52 + i) for i, r in enumerate((0.1, 0.9))])
+    b = torch.randn(2, 6, generator=gen(54), dtype=DT)
+    x, info = it.solve_neumann(
+        lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), b, batched=True, tol=1e-12, return_info=True
+    )
+    assert rel_err(x, torch.linalg.solve(A, b)) < 1e-10
+    assert int(info.iterations[0]) < int(info.iterations[1])
+
+
+def test_neumann_accepts_either_sign_of_a_fixed_point_system():
+    A, b = _contraction_system(10, 0.7, seed=57), torch.randn(10, generator=gen(58), dtype=DT)
+    x = it.solve_neumann(lambda v: -(A @ v), b, tol=1e-12)  # F = f(z) − z: A = J − I
+    assert rel_err(x, torch.linalg.solve(-A, b)) < 1e-10
+
+
+def test_neumann_reports_divergence():
+    # J symmetric with eigenvalues in [-1.5, 1.5]: spectral radius 1.5, no sign helps
+    Q = torch.linalg.qr(torch.randn(8, 8, generator=gen(55), dtype=DT))[0]
+    J = Q @ torch.diag(torch.linspace(-1.5, 1.5, 8, dtype=DT)) @ Q.T
+    A, b = torch.eye(8, dtype=DT) - J, torch.randn(8, generator=gen(56), dtype=DT)
+    with pytest.warns(it.ConvergenceWarning, match="diverged"):
+        it.solve_neumann(lambda v: A @ v, b, maxiter=500)
+    with pytest.raises(it.ConvergenceError, match="not contractive"):
+        it.solve_neumann(lambda v: A @ v, b, maxiter=500, on_failure="raise")

@@ -1,0 +1,246 @@
+"""Layers whose outputs are solutions of inner problems, with implicit gradients.
+
+* :class:`ImplicitLayer` — subclass it, define ``solve_forward`` (any forward solver) and
+  ``optimality`` (a residual ``F(x, *inputs)`` that is zero at the solution, written with the
+  module's own parameters and buffers). ``layer(*inputs)`` returns ``x*`` differentiable in
+  the inputs and in every registered parameter by the implicit function theorem.
+* :class:`DEQ` — a deep-equilibrium layer ``z* = f(z*, x)`` around any ``nn.Module`` ``f``:
+  forward by Anderson acceleration (or plain fixed-point iteration), backward by the implicit
+  fixed-point system, or by the cheap phantom / one-step gradient.
+
+Parameters reach the engine through :func:`torch.func.functional_call`: the optimality
+function is evaluated with the parameters passed explicitly, so the engine sees them as
+inputs and returns their gradients (a module attribute read inside ``optimality`` would
+otherwise be a tensor the function closes over, which the engine refuses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from implicit_torch._implicit_diff import implicit_solve
+from implicit_torch._tree import tree_detach, tree_leaves
+from implicit_torch.solvers.anderson import AndersonAcceleration
+from implicit_torch.solvers.fixed_point_iteration import FixedPointIteration
+
+__all__ = ["DEQ", "ImplicitLayer"]
+
+Tensor = torch.Tensor
+
+
+class _Call(nn.Module):
+    """Calls ``method`` of a module as this module's forward, so that
+    :func:`torch.func.functional_call` can run it with substituted parameters. Not registered
+    as a child of that module (it would be a cycle); its own child is the module."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args):
+        return getattr(self.module, self.method)(*args)
+
+
+def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters (by their names in ``module``): what the engine differentiates."""
+    return dict(module.named_parameters())
+
+
+class ImplicitLayer(nn.Module):
+    """An ``nn.Module`` whose output is the solution of an inner problem.
+
+    Subclasses define two methods, using ``self``'s parameters and buffers freely:
+
+    * ``solve_forward(self, init, *inputs) -> x*``: any forward solver (runs under
+      ``torch.no_grad``; ``init`` is ``None``, the caller's ``init=``, or the last solution
+      when ``warm_start=True``);
+    * ``optimality(self, x, *inputs) -> F``: a residual shaped like ``x``, zero at ``x*``.
+
+    ``layer(*inputs, init=None)`` returns ``x*``, differentiable in every tensor input and in
+    every registered parameter: ``dx*/dθ = −(∂ₓF)⁻¹ ∂_θF`` (the implicit function theorem),
+    with ``∂ₓF`` inverted by the engine's linear solver ``solve``. ``state_dict``, ``.to``,
+    ``train``/``eval`` and parameter registration behave as for any module.
+
+    Args:
+        solve: linear solver for ``∂ₓF`` (a name such as ``"cg"``, ``"gmres"``, ``"auto"``, or
+            a callable ``solve(matvec, b)``); ``"cg"`` needs ``∂ₓF`` symmetric definite, as
+            for a stationarity condition.
+        batched: dim 0 of the solution indexes independent problems (per-sample inner
+            problems): the backward solves them separately.
+        warm_start: start each forward solve from the previous call's solution when its
+            shape matches (counted in ``warm_starts``); reset with :meth:`reset_warm_start`.
+    """
+
+    def __init__(self, *, solve: Any = "cg", batched: bool = False, warm_start: bool = False):
+        super().__init__()
+        self.solve = solve
+        self.batched = batched
+        self.warm_start = warm_start
+        self.warm_starts = 0
+        self._last_solution: Any = None
+        # Outside the module registry on purpose (a child holding its parent is a cycle).
+        object.__setattr__(self, "_optimality_call", _Call(self, "optimality"))
+
+    def solve_forward(self, init: Any, *inputs: Any) -> Any:
+        raise NotImplementedError("subclasses define solve_forward(init, *inputs)")
+
+    def optimality(self, x: Any, *inputs: Any) -> Any:
+        raise NotImplementedError("subclasses define optimality(x, *inputs)")
+
+    def reset_warm_start(self) -> None:
+        """Forget the stored solution: the next forward starts from ``init`` again."""
+        self._last_solution = None
+
+    def _initial_guess(self, init: Any) -> Any:
+        if init is not None or not self.warm_start or self._last_solution is None:
+            return init
+        self.warm_starts += 1
+        return self._last_solution
+
+    def forward(self, *inputs: Any, init: Any = None) -> Any:
+        params = _named_tensors(self)
+        names = tuple(params)
+        call = self._optimality_call
+
+        def optimality_fn(x, tensors, *inputs):
+            prefixed = {f"module.{n}": t for n, t in zip(names, tensors)}
+            return torch.func.functional_call(call, prefixed, (x, *inputs), strict=False)
+
+        def solver(init, _tensors, *inputs):
+            return self.solve_forward(init, *inputs)
+
+        init = self._initial_guess(init)
+        if self.warm_start and init is not None:
+            shapes = [t.shape for t in tree_leaves(init)]
+        x = implicit_solve(
+            solver,
+            optimality_fn,
+            init,
+            tuple(params.values()),
+            *inputs,
+            solve=self.solve,
+            batched=self.batched,
+        )
+        if self.warm_start:
+            solution = tree_detach(x)
+            if init is not None and [t.shape for t in tree_leaves(solution)] != shapes:
+                self.warm_starts -= 1  # the guess did not fit: not a warm start after all
+            self._last_solution = solution
+        return x
+
+
+class DEQ(nn.Module):
+    """Deep-equilibrium layer: ``z* = f(z*, x)`` for an ``nn.Module`` ``f(z, x) -> z``.
+
+    Forward: Anderson acceleration (``solver="anderson"``) or fixed-point iteration
+    (``"fixed_point"``) from ``z0`` (zeros, or the previous solution with ``warm_start``), at
+    most ``maxiter`` iterations to ``‖f(z, x) − z‖ ≤ tol``; non-convergence warns (or raises
+    with ``on_failure="raise"``), and ``last_state`` holds the solver's final state.
+
+    Backward, by ``backward``:
+
+    * ``"implicit"``: the exact gradient at the fixed point, ``dz*/dθ = (I − ∂_z f)⁻¹ ∂_θ f``,
+      with ``(I − ∂_z f)ᵀ`` inverted by ``backward_solve`` (``"gmres"`` by default; any engine
+      solver name or callable, e.g. ``"neumann"`` for the truncated Neumann series when ``f``
+      is contractive).
+    * ``"phantom"``: the phantom gradient (Geng et al., 2021): ``k = phantom_steps`` damped
+      steps ``z ← (1 − λ) z + λ f(z, x)`` from ``z*`` with autograd recording
+      (``λ = phantom_damping``); ``k = 1, λ = 1`` is the one-step (Jacobian-free) gradient of
+      Fung et al. (2022). Cheaper than the implicit gradient, and only an approximation.
+
+    Shapes: ``x`` and ``z`` are whatever ``f`` takes; ``z0`` defaults to ``zeros(z_shape)``
+    where ``z_shape`` is given at construction or ``x``'s shape.
+    """
+
+    def __init__(
+        self,
+        f: nn.Module,
+        *,
+        z_shape: Callable[[Tensor], tuple[int, ...]] | None = None,
+        solver: str = "anderson",
+        maxiter: int = 50,
+        tol: float = 1e-4,
+        history_size: int = 5,
+        backward: str = "implicit",
+        backward_solve: Any = "gmres",
+        phantom_steps: int = 1,
+        phantom_damping: float = 1.0,
+        warm_start: bool = False,
+        on_failure: str = "warn",
+    ):
+        super().__init__()
+        if solver not in ("anderson", "fixed_point"):
+            raise ValueError(f"solver must be 'anderson' or 'fixed_point', got {solver!r}")
+        if backward not in ("implicit", "phantom"):
+            raise ValueError(f"backward must be 'implicit' or 'phantom', got {backward!r}")
+        if phantom_steps < 1 or not 0 < phantom_damping <= 1:
+            raise ValueError(
+                "phantom_steps must be ≥ 1 and phantom_damping in (0, 1], got "
+                f"{phantom_steps} and {phantom_damping}"
+            )
+        self.f = f
+        self.z_shape = z_shape
+        self.solver = solver
+        self.maxiter, self.tol, self.history_size = maxiter, tol, history_size
+        self.backward, self.backward_solve = backward, backward_solve
+        self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
+        self.warm_start = warm_start
+        self.on_failure = on_failure
+        self.last_state: Any = None
+        self.warm_starts = 0
+        self._last_solution: Tensor | None = None
+        object.__setattr__(self, "_f_call", _Call(f, "forward"))
+
+    def reset_warm_start(self) -> None:
+        self._last_solution = None
+
+    def _fixed_point_solver(self, T, implicit: bool):
+        common = dict(
+            maxiter=self.maxiter,
+            tol=self.tol,
+            implicit_diff=implicit,
+            implicit_diff_solve=self.backward_solve,
+            on_failure=self.on_failure,
+        )
+        if self.solver == "anderson":
+            return AndersonAcceleration(fixed_point_fun=T, history_size=self.history_size, **common)
+        return FixedPointIteration(fixed_point_fun=T, **common)
+
+    def _z0(self, x: Tensor, z0: Tensor | None) -> Tensor:
+        if z0 is not None:
+            return z0
+        shape = tuple(self.z_shape(x)) if self.z_shape is not None else tuple(x.shape)
+        last = self._last_solution
+        if self.warm_start and last is not None and tuple(last.shape) == shape:
+            self.warm_starts += 1
+            return last
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
+        params = _named_tensors(self.f)
+        names = tuple(params)
+        call = self._f_call
+
+        def T(z, tensors, x):
+            prefixed = {f"module.{n}": t for n, t in zip(names, tensors)}
+            return torch.func.functional_call(call, prefixed, (z, x), strict=False)
+
+        init = self._z0(x, z0)
+        tensors = tuple(params.values())
+        if self.backward == "implicit":
+            z, state = self._fixed_point_solver(T, implicit=True).run(init, tensors, x)
+        else:
+            with torch.no_grad():
+                z, state = self._fixed_point_solver(T, implicit=False).run(init, tensors, x)
+            lam = self.phantom_damping
+            for _ in range(self.phantom_steps):
+                z = (1 - lam) * z + lam * self.f(z, x)
+        self.last_state = state
+        if self.warm_start:
+            self._last_solution = z.detach()
+        return z

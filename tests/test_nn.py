@@ -1,0 +1,320 @@
+"""implicit_torch.nn: ImplicitLayer and DEQ against closed forms, unrolled iterations and
+finite differences; autocast, torch.compile and DistributedDataParallel."""
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+from problems import DT, gen
+from torch import nn
+
+import implicit_torch as it
+from implicit_torch.nn import DEQ, ImplicitLayer
+
+
+class RidgeLayer(ImplicitLayer):
+    """w* = argmin ½‖Xw − y‖² + ½ Σ exp(log_lam) w²: a closed form to compare with."""
+
+    def __init__(self, d, dtype=DT, **kw):
+        super().__init__(**kw)
+        self.log_lam = nn.Parameter(torch.linspace(-1.0, 1.0, d, dtype=dtype))
+        self.solves = 0
+
+    def solve_forward(self, init, X, y):
+        self.solves += 1
+        return torch.linalg.solve(X.T @ X + torch.diag(self.log_lam.exp()), X.T @ y)
+
+    def optimality(self, w, X, y):
+        return X.T @ (X @ w - y) + self.log_lam.exp() * w
+
+
+def ridge_closed(log_lam, X, y):
+    return torch.linalg.solve(X.T @ X + torch.diag(log_lam.exp()), X.T @ y)
+
+
+def data(m=30, d=5, seed=0, dtype=DT):
+    g = gen(seed)
+    return torch.randn(m, d, generator=g, dtype=dtype), torch.randn(m, generator=g, dtype=dtype)
+
+
+def test_implicit_layer_gradients_match_the_closed_form():
+    X, y = data()
+    layer = RidgeLayer(5)
+    Xr = X.clone().requires_grad_()
+    weights = torch.randn(5, generator=gen(1), dtype=DT)
+    (weights * layer(Xr, y)).sum().backward()
+    lam = layer.log_lam.detach().clone().requires_grad_()
+    Xc = X.clone().requires_grad_()
+    (weights * ridge_closed(lam, Xc, y)).sum().backward()
+    torch.testing.assert_close(layer.log_lam.grad, lam.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(Xr.grad, Xc.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_implicit_layer_gradcheck_in_inputs():
+    X, y = data(m=12, d=3)
+    layer = RidgeLayer(3, solve="lu")
+    inputs = (X.clone().requires_grad_(), y.clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda X, y: layer(X, y), inputs)
+    assert torch.autograd.gradgradcheck(lambda X, y: layer(X, y), inputs)
+
+
+def test_implicit_layer_is_an_ordinary_module():
+    X, y = data()
+    layer = RidgeLayer(5)
+    with torch.no_grad():
+        layer.log_lam.add_(0.3)
+    other = RidgeLayer(5)
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other(X, y), layer(X, y))
+    assert [n for n, _ in layer.named_parameters()] == ["log_lam"]
+    layer32 = layer.to(torch.float32)
+    out = layer32(X.float(), y.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), other(X, y), rtol=1e-4, atol=1e-5)
+    layer.eval()
+    assert not layer.training
+
+
+def test_warm_start_reuses_the_last_solution():
+    class Iterative(RidgeLayer):
+        def solve_forward(self, init, X, y):
+            w = torch.zeros(X.shape[1], dtype=X.dtype) if init is None else init
+            H = X.T @ X + torch.diag(self.log_lam.exp())
+            step = 1.0 / torch.linalg.eigvalsh(H).max()
+            self.iterations = 0
+            while torch.linalg.vector_norm(g := H @ w - X.T @ y) >= 1e-10:
+                w = w - step * g
+                self.iterations += 1
+            return w
+
+    X, y = data()
+    layer = Iterative(5, warm_start=True)
+    first = layer(X, y)
+    cold = layer.iterations
+    second = layer(X, y)
+    assert layer.warm_starts == 1 and layer.iterations < cold // 10
+    torch.testing.assert_close(first, second, rtol=1e-8, atol=1e-10)
+    layer.reset_warm_start()
+    layer(X, y)
+    assert layer.iterations == cold
+
+
+def test_subclass_without_methods_fails_clearly():
+    with pytest.raises(NotImplementedError, match="solve_forward"):
+        ImplicitLayer()(torch.ones(2))
+
+
+# --- DEQ -----------------------------------------------------------------------------------------
+
+
+class Cell(nn.Module):
+    """f(z, x) = tanh(W z + U x + b) with ‖W‖₂ = 0.5: a contraction, so z* is unique."""
+
+    def __init__(self, d, dtype=DT, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.W = nn.Linear(d, d, bias=False, dtype=dtype)
+        self.U = nn.Linear(d, d, dtype=dtype)
+        with torch.no_grad():
+            self.W.weight.mul_(0.5 / torch.linalg.matrix_norm(self.W.weight, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(z) + self.U(x))
+
+
+def unrolled(f, x, steps=300):
+    z = torch.zeros_like(x)
+    for _ in range(steps):
+        z = f(z, x)
+    return z
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
+@pytest.mark.parametrize("backward_solve", ["gmres", "lu", "neumann"])
+def test_deq_implicit_gradient_matches_converged_unrolling(solver, backward_solve):
+    f = Cell(6)
+    x = torch.randn(4, 6, generator=gen(2), dtype=DT).requires_grad_()
+    deq = DEQ(f, solver=solver, tol=1e-12, maxiter=300, backward_solve=backward_solve)
+    weights = torch.randn(4, 6, generator=gen(3), dtype=DT)
+    params = [x, *f.parameters()]
+    grads = torch.autograd.grad((weights * deq(x)).sum(), params)
+    refs = torch.autograd.grad((weights * unrolled(f, x)).sum(), params)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+    assert int(deq.last_state.iter_num) < 300
+
+
+def test_deq_one_step_gradient_is_the_jacobian_free_gradient():
+    f = Cell(5)
+    x = torch.randn(3, 5, generator=gen(4), dtype=DT)
+    deq = DEQ(f, tol=1e-12, maxiter=300, backward="phantom")
+    grads = torch.autograd.grad(deq(x).sum(), list(f.parameters()))
+    z_star = unrolled(f, x).detach()
+    refs = torch.autograd.grad(f(z_star, x).sum(), list(f.parameters()))
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10)
+
+
+def test_deq_phantom_gradient_approaches_the_implicit_one_with_more_steps():
+    f = Cell(5)
+    x = torch.randn(3, 5, generator=gen(5), dtype=DT)
+    params = list(f.parameters())
+    exact = torch.autograd.grad(DEQ(f, tol=1e-12, maxiter=300)(x).sum(), params)
+
+    def error(steps):
+        deq = DEQ(f, tol=1e-12, maxiter=300, backward="phantom", phantom_steps=steps)
+        approx = torch.autograd.grad(deq(x).sum(), params)
+        return sum(float(torch.linalg.vector_norm(a - e)) for a, e in zip(approx, exact))
+
+    errors = [error(k) for k in (1, 3, 10, 30)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-6 * (1 + errors[0])
+
+
+def test_deq_reports_non_convergence():
+    f = Cell(5)
+    x = torch.randn(3, 5, generator=gen(6), dtype=DT)
+    with pytest.warns(it.ConvergenceWarning):
+        DEQ(f, tol=1e-14, maxiter=2)(x)
+    with pytest.raises(it.ConvergenceError):
+        DEQ(f, tol=1e-14, maxiter=2, on_failure="raise")(x)
+
+
+def test_deq_warm_start_saves_iterations():
+    f = Cell(8)
+    x = torch.randn(4, 8, generator=gen(7), dtype=DT)
+    deq = DEQ(f, tol=1e-10, maxiter=200, warm_start=True)
+    deq(x)
+    cold = int(deq.last_state.iter_num)
+    deq(x + 1e-4)
+    assert deq.warm_starts == 1 and int(deq.last_state.iter_num) < cold
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(solver="newton"), "solver"),
+        (dict(backward="unrolled"), "backward"),
+        (dict(backward="phantom", phantom_damping=0.0), "phantom"),
+    ],
+)
+def test_deq_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DEQ(Cell(3), **kwargs)
+
+
+# --- autocast, torch.compile ---------------------------------------------------------------------
+
+
+def test_autocast_does_not_lower_the_backward_precision():
+    # Under bfloat16 autocast the optimality function's matmuls would run in bfloat16 (errors
+    # ~1e-2); the engine turns autocast off for its derivative computations, so the gradient
+    # equals the float32 one.
+    class FullPrecisionForward(RidgeLayer):
+        def solve_forward(self, init, X, y):
+            with torch.autocast("cpu", enabled=False):  # the forward's precision is the user's
+                return super().solve_forward(init, X, y)
+
+    X, y = data(m=40, d=6, dtype=torch.float32)
+    layer = FullPrecisionForward(6, dtype=torch.float32)
+    ref = torch.autograd.grad(layer(X, y).sum(), layer.log_lam)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = layer(X, y)
+        grad = torch.autograd.grad(w.sum(), layer.log_lam)[0]
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_low_precision_solution_is_differentiated_in_float32():
+    class HalfSolution(RidgeLayer):
+        def solve_forward(self, init, X, y):
+            return super().solve_forward(init, X, y).to(torch.bfloat16)
+
+        def optimality(self, w, X, y):
+            return super().optimality(w.to(X.dtype), X, y).to(w.dtype)
+
+    X, y = data(m=40, d=6, dtype=torch.float32)
+    layer = HalfSolution(6, dtype=torch.float32)
+    w = layer(X, y)
+    assert w.dtype == torch.bfloat16
+    (grad,) = torch.autograd.grad(w.float().sum(), layer.log_lam)
+    lam = layer.log_lam.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(ridge_closed(lam, X.double(), y.double()).sum(), lam)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_torch_compile_of_a_model_with_layers():
+    # Dynamo traces the solver loop iteration by iteration (the convergence check is a graph
+    # break): a few iterations keep the test quick; the gradients compared are the layer's
+    # (implicit, at whatever point the forward stopped) with and without compilation.
+    f = Cell(5)
+    deq = DEQ(f, solver="fixed_point", tol=1e-10, maxiter=4, on_failure="ignore")
+    head = nn.Linear(5, 2, dtype=DT)
+    x = torch.randn(3, 5, generator=gen(8), dtype=DT)
+
+    def model(x):
+        return head(deq(x)).square().sum()
+
+    params = [*f.parameters(), *head.parameters()]
+    ref = torch.autograd.grad(model(x), params)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's graph-break notices
+        out = torch.autograd.grad(compiled(x), params)
+    for g, r in zip(out, ref):
+        torch.testing.assert_close(g, r)
+
+
+# --- DistributedDataParallel ---------------------------------------------------------------------
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.deq = DEQ(Cell(4, seed=11), tol=1e-12, maxiter=300)
+        self.head = nn.Linear(4, 1, dtype=DT)
+
+    def forward(self, x):
+        return self.head(self.deq(x)).squeeze(-1)
+
+
+def _ddp_worker(rank, world, port, x, y, out_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(Model())
+        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        loss = ((model(x[shard]) - y[shard]) ** 2).mean()
+        loss.backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.module.named_parameters()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_gradients_equal_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    x = torch.randn(8, 4, generator=gen(9), dtype=DT)
+    y = torch.randn(8, generator=gen(10), dtype=DT)
+    out = tmp_path / "grads.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), x, y, str(out)), nprocs=2, join=True)
+    ddp_grads = torch.load(out)
+    torch.manual_seed(0)
+    model = Model()
+    ((model(x) - y) ** 2).mean().backward()  # equal shards: the mean of shard means
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-9, atol=1e-12)
