@@ -4,6 +4,11 @@
   ``optimality`` (a residual ``F(x, *inputs)`` that is zero at the solution, written with the
   module's own parameters and buffers). ``layer(*inputs)`` returns ``x*`` differentiable in
   the inputs and in every registered parameter by the implicit function theorem.
+* :class:`ArgminLayer` — ``x* = argmin_x objective(x, *inputs)``: define ``objective`` (and
+  ``initial``); the forward runs gradient descent, the backward differentiates the
+  stationarity condition ``∇ₓ objective = 0``.
+* :class:`Sparsemax` and :class:`SimplexProjection` — Euclidean projections onto the simplex
+  along a dimension (Martins & Astudillo, 2016), with their exact Jacobians.
 * :class:`DEQ` — a deep-equilibrium layer ``z* = f(z*, x)`` around any ``nn.Module`` ``f``:
   forward by Anderson acceleration (or plain fixed-point iteration), backward by the implicit
   fixed-point system, or by the cheap phantom / one-step gradient.
@@ -24,10 +29,12 @@ from torch import nn
 
 from implicit_torch._implicit_diff import implicit_solve
 from implicit_torch._tree import tree_detach, tree_leaves
+from implicit_torch.projection import simplex_rows
 from implicit_torch.solvers.anderson import AndersonAcceleration
 from implicit_torch.solvers.fixed_point_iteration import FixedPointIteration
+from implicit_torch.solvers.gradient_descent import GradientDescent
 
-__all__ = ["DEQ", "ImplicitLayer"]
+__all__ = ["DEQ", "ArgminLayer", "ImplicitLayer", "SimplexProjection", "Sparsemax"]
 
 Tensor = torch.Tensor
 
@@ -132,6 +139,84 @@ class ImplicitLayer(nn.Module):
                 self.warm_starts -= 1  # the guess did not fit: not a warm start after all
             self._last_solution = solution
         return x
+
+
+class ArgminLayer(ImplicitLayer):
+    """``x* = argmin_x objective(x, *inputs)`` as a layer, for a smooth objective.
+
+    Subclasses define ``objective(self, x, *inputs) -> scalar`` (using the module's
+    parameters) and ``initial(self, *inputs) -> x0`` (or pass ``init=`` to the call). The
+    forward pass runs accelerated gradient descent with a backtracking line search
+    (:class:`~implicit_torch.GradientDescent`, ``maxiter``, ``tol`` on ``‖∇ₓ objective‖``;
+    non-convergence warns); the backward pass differentiates the stationarity condition
+    ``∇ₓ objective(x*, *inputs) = 0``, whose Jacobian is the Hessian, by CG (``solve``).
+    """
+
+    def __init__(
+        self,
+        *,
+        maxiter: int = 1000,
+        tol: float = 1e-6,
+        solve: Any = "cg",
+        batched: bool = False,
+        warm_start: bool = False,
+    ):
+        super().__init__(solve=solve, batched=batched, warm_start=warm_start)
+        self.maxiter, self.tol = maxiter, tol
+        self.last_state: Any = None
+
+    def objective(self, x: Any, *inputs: Any) -> Tensor:
+        raise NotImplementedError("subclasses define objective(x, *inputs) -> scalar")
+
+    def initial(self, *inputs: Any) -> Any:
+        raise NotImplementedError(
+            "define initial(*inputs) -> x0 in the subclass, or call the layer with init="
+        )
+
+    def solve_forward(self, init: Any, *inputs: Any) -> Any:
+        x0 = self.initial(*inputs) if init is None else init
+        solver = GradientDescent(
+            fun=self.objective,
+            stepsize=0.0,
+            acceleration=True,
+            maxiter=self.maxiter,
+            tol=self.tol,
+            implicit_diff=False,
+        )
+        x, self.last_state = solver.run(x0, *inputs)
+        return x
+
+    def optimality(self, x: Any, *inputs: Any) -> Any:
+        return torch.func.grad(self.objective)(x, *inputs)
+
+
+class SimplexProjection(nn.Module):
+    """``argmin_{p ∈ Δ} ‖p − x‖²`` along ``dim``, with ``Δ = {p ≥ 0, Σp = value}``.
+
+    The Jacobian is exact (``diag(s) − s sᵀ/|s|`` on the support ``s``), from
+    :func:`implicit_torch.projection.simplex_rows`. Any shape; ``dim`` is projected.
+    """
+
+    def __init__(self, dim: int = -1, value: float = 1.0):
+        super().__init__()
+        self.dim, self.value = dim, value
+
+    def forward(self, x: Tensor) -> Tensor:
+        return simplex_rows(x.movedim(self.dim, -1), self.value).movedim(-1, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, value={self.value}"
+
+
+class Sparsemax(SimplexProjection):
+    """Sparsemax (Martins & Astudillo, 2016): the Euclidean projection of the scores onto the
+    probability simplex along ``dim``; like softmax, but with exact zeros."""
+
+    def __init__(self, dim: int = -1):
+        super().__init__(dim=dim, value=1.0)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
 
 
 class DEQ(nn.Module):

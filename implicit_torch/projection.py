@@ -88,13 +88,17 @@ def projection_simplex(x: Tensor, value: Any = 1.0) -> Tensor:
     Returns:
         ``p``, shaped like ``x``.
     """
-    v = x.reshape(-1)
-    u = torch.sort(v, descending=True).values
-    css = torch.cumsum(u, 0) - value
-    k = torch.arange(1, v.numel() + 1, dtype=v.dtype, device=v.device)
-    rho = (u * k > css).sum()  # ≥ 1: the largest entry always satisfies it for value > 0
-    tau = torch.gather(css, 0, (rho - 1).reshape(1)) / rho
-    return torch.relu(v - tau).reshape(x.shape)
+    return simplex_rows(x.reshape(1, -1), value).reshape(x.shape)
+
+
+def simplex_rows(x: Tensor, value: Any = 1.0) -> Tensor:
+    """:func:`projection_simplex` of every row of ``x`` (the last dimension), vectorised."""
+    u = torch.sort(x, dim=-1, descending=True).values
+    css = torch.cumsum(u, -1) - value
+    k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
+    rho = (u * k > css).sum(-1, keepdim=True)  # ≥ 1: the largest entry satisfies it
+    tau = torch.gather(css, -1, rho - 1) / rho
+    return torch.relu(x - tau)
 
 
 def projection_l1_ball(x: Tensor, max_norm: Any = 1.0) -> Tensor:

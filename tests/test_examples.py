@@ -33,3 +33,20 @@ def test_ridge_hypergradient_smoke(tmp_path, capsys):
 
     # A few Adam steps on the penalties lower the loss they minimise.
     assert result["val_final"] < result["val_initial"]
+
+
+def _load(name):
+    path = EXAMPLE.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_deq_digits_smoke(tmp_path):
+    result = _load("deq_digits").main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "deq_digits.png").stat().st_size > 10_000
+    # implicit gradient = backprop through 300 (converged) iterations, to float32 precision
+    assert result["grad_check"] < 1e-4
+    # two epochs on 300 images already beat chance (10 %) by far
+    assert result["acc_final"] > 0.5 > result["acc_initial"]

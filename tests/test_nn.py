@@ -11,7 +11,7 @@ from problems import DT, gen
 from torch import nn
 
 import implicit_torch as it
-from implicit_torch.nn import DEQ, ImplicitLayer
+from implicit_torch.nn import DEQ, ArgminLayer, ImplicitLayer, SimplexProjection, Sparsemax
 
 
 class RidgeLayer(ImplicitLayer):
@@ -104,6 +104,74 @@ def test_warm_start_reuses_the_last_solution():
 def test_subclass_without_methods_fails_clearly():
     with pytest.raises(NotImplementedError, match="solve_forward"):
         ImplicitLayer()(torch.ones(2))
+
+
+# --- ArgminLayer, projections ------------------------------------------------------------------
+
+
+class RidgeArgmin(ArgminLayer):
+    def __init__(self, d):
+        super().__init__(tol=1e-10, maxiter=5000)
+        self.log_lam = nn.Parameter(torch.linspace(-1.0, 1.0, d, dtype=DT))
+
+    def objective(self, w, X, y):
+        return 0.5 * (X @ w - y).square().sum() + 0.5 * (self.log_lam.exp() * w.square()).sum()
+
+    def initial(self, X, y):
+        return torch.zeros(X.shape[1], dtype=X.dtype)
+
+
+def test_argmin_layer_matches_the_closed_form():
+    X, y = data()
+    layer = RidgeArgmin(5)
+    Xr = X.clone().requires_grad_()
+    w = layer(Xr, y)
+    lam = layer.log_lam.detach().clone().requires_grad_()
+    Xc = X.clone().requires_grad_()
+    w_ref = ridge_closed(lam, Xc, y)
+    torch.testing.assert_close(w, w_ref, rtol=1e-8, atol=1e-9)
+    weights = torch.randn(5, generator=gen(12), dtype=DT)
+    (weights * w).sum().backward()
+    (weights * w_ref).sum().backward()
+    torch.testing.assert_close(layer.log_lam.grad, lam.grad, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(Xr.grad, Xc.grad, rtol=1e-7, atol=1e-9)
+    assert int(layer.last_state.iter_num) < 5000
+
+
+def test_argmin_layer_without_initial_guess_says_what_to_do():
+    class NoInitial(ArgminLayer):
+        def objective(self, x, c):
+            return (x - c).square().sum()
+
+    c = torch.tensor([1.0, -2.0, 3.0])
+    with pytest.raises(NotImplementedError, match="init="):
+        NoInitial()(c)
+    torch.testing.assert_close(NoInitial()(c, init=torch.zeros(3)), c)
+
+
+@pytest.mark.parametrize("dim", [-1, 0, 1])
+def test_sparsemax_rows_are_simplex_projections_with_exact_jacobians(dim):
+    x = torch.randn(4, 6, 5, generator=gen(13), dtype=DT)
+    p = Sparsemax(dim=dim)(x)
+    moved_x, moved_p = x.movedim(dim, -1), p.movedim(dim, -1)
+    for row_x, row_p in zip(
+        moved_x.reshape(-1, moved_x.shape[-1]), moved_p.reshape(-1, moved_p.shape[-1])
+    ):
+        torch.testing.assert_close(row_p, it.projection.projection_simplex(row_x))
+    torch.testing.assert_close(p.sum(dim), torch.ones_like(p.sum(dim)))
+    # Jacobian of one row: diag(s) − s sᵀ/|s| on the support s
+    row = x[0, :, 0] if dim in (1,) else x[0, 0] if dim == -1 else x[:, 0, 0]
+    J = torch.func.jacrev(lambda r: Sparsemax()(r))(row)
+    s = (Sparsemax()(row) > 0).to(DT)
+    torch.testing.assert_close(J, torch.diag(s) - torch.outer(s, s) / s.sum())
+    assert torch.autograd.gradcheck(Sparsemax(dim=dim), (x[:2, :3, :3].clone().requires_grad_(),))
+
+
+def test_simplex_projection_layer_value():
+    x = torch.randn(3, 7, generator=gen(14), dtype=DT)
+    p = SimplexProjection(value=2.5)(x)
+    torch.testing.assert_close(p.sum(-1), torch.full((3,), 2.5, dtype=DT))
+    assert bool((p >= 0).all())
 
 
 # --- DEQ -----------------------------------------------------------------------------------------
