@@ -5,7 +5,7 @@ satisfies; the solution becomes differentiable in ``params`` through the implici
 theorem (Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022).
 """
 
-from implicit_torch import nn, ops, optimality, projection, prox
+from implicit_torch import meta, nn, ops, optimality, projection, prox
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
 from implicit_torch._implicit_diff import (
     custom_fixed_point,
@@ -26,9 +26,14 @@ from implicit_torch.linear_solve import (
     solve_normal_cg,
 )
 from implicit_torch.solvers import (
+    LBFGS,
     AndersonAcceleration,
+    Bisection,
+    Broyden,
     FixedPointIteration,
+    GaussNewton,
     GradientDescent,
+    LevenbergMarquardt,
     OptStep,
     ProjectedGradient,
     ProximalGradient,
@@ -37,12 +42,17 @@ from implicit_torch.solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LBFGS",
     "AndersonAcceleration",
+    "Bisection",
+    "Broyden",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPointIteration",
+    "GaussNewton",
     "GradientDescent",
     "IndefiniteSystemError",
+    "LevenbergMarquardt",
     "OptStep",
     "ProjectedGradient",
     "ProximalGradient",
@@ -50,6 +60,7 @@ __all__ = [
     "custom_fixed_point",
     "custom_root",
     "implicit_solve",
+    "meta",
     "nn",
     "ops",
     "optimality",

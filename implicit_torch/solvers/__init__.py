@@ -7,18 +7,33 @@ conventions (implicit differentiation by default, unrolling on request, converge
 
 from implicit_torch.solvers.anderson import AndersonAcceleration, AndersonState
 from implicit_torch.solvers.base import IterativeSolver, OptStep
+from implicit_torch.solvers.bisection import Bisection, BisectionState
+from implicit_torch.solvers.broyden import Broyden, BroydenState
 from implicit_torch.solvers.fixed_point_iteration import FixedPointIteration, FixedPointState
+from implicit_torch.solvers.gauss_newton import GaussNewton, GaussNewtonState
 from implicit_torch.solvers.gradient_descent import GradientDescent
+from implicit_torch.solvers.lbfgs import LBFGS, LbfgsState
+from implicit_torch.solvers.levenberg_marquardt import LevenbergMarquardt, LevenbergMarquardtState
 from implicit_torch.solvers.projected_gradient import ProjectedGradient
 from implicit_torch.solvers.proximal_gradient import ProxGradState, ProximalGradient
 
 __all__ = [
+    "LBFGS",
     "AndersonAcceleration",
     "AndersonState",
+    "Bisection",
+    "BisectionState",
+    "Broyden",
+    "BroydenState",
     "FixedPointIteration",
     "FixedPointState",
+    "GaussNewton",
+    "GaussNewtonState",
     "GradientDescent",
     "IterativeSolver",
+    "LbfgsState",
+    "LevenbergMarquardt",
+    "LevenbergMarquardtState",
     "OptStep",
     "ProjectedGradient",
     "ProxGradState",

@@ -1,0 +1,151 @@
+"""Gauss–Newton for nonlinear least squares ``min_x ½‖r(x, *args)‖²``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from implicit_torch import _runtime
+from implicit_torch import linear_solve as _linear_solve
+from implicit_torch._tree import Raveler, tree_leaves
+from implicit_torch.optimality import make_stationarity_fun
+from implicit_torch.solvers.base import IterativeSolver, OptStep
+
+__all__ = ["GaussNewton", "GaussNewtonState"]
+
+Tensor = torch.Tensor
+
+
+class GaussNewtonState(NamedTuple):
+    """State of :class:`GaussNewton`.
+
+    Attributes:
+        iter_num: iterations run (int64, 0-d).
+        value: ``½‖r(x)‖²`` at the iterate the last step was taken from (0-d).
+        error: ``‖Jᵀr‖`` there (the gradient norm of ``½‖r‖²``).
+    """
+
+    iter_num: Tensor
+    value: Tensor
+    error: Tensor
+
+
+class _Linearization:
+    """``r`` at ``x`` with the maps ``v ↦ J v`` and ``u ↦ Jᵀ u`` (``J = ∂r/∂x``), on the
+    flattened unknowns ``x`` (``(N,)``) and residuals ``r`` (``(M,)``)."""
+
+    def __init__(self, residual_fun: Callable[..., Any], params: Any, args: tuple):
+        self.raveler = Raveler(params, batched=False, what="params")
+        self.x = self.raveler.ravel(params).reshape(-1)
+
+        def flat_residual(x: Tensor) -> Tensor:
+            return _ravel_residual(residual_fun(self.raveler.unravel(x.reshape(1, -1)), *args))
+
+        self.flat_residual = flat_residual
+        # torch.func.vjp records r's graph whether or not grad mode is on.
+        self.r, self._vjp = torch.func.vjp(flat_residual, self.x)
+        self.grad = self.vjp(self.r)
+
+    def jvp(self, v: Tensor) -> Tensor:
+        return _runtime.jvp(self.flat_residual, (self.x,), (v,))[1]
+
+    def vjp(self, u: Tensor) -> Tensor:
+        return self._vjp(u)[0]
+
+    def normal_matvec(self, damping: Any = None) -> Callable[[Tensor], Tensor]:
+        """``v ↦ JᵀJ v (+ damping · v)``."""
+
+        def matvec(v: Tensor) -> Tensor:
+            out = self.vjp(self.jvp(v))
+            return out if damping is None else out + damping * v
+
+        return matvec
+
+
+def _ravel_residual(r: Any) -> Tensor:
+    leaves = tree_leaves(r)
+    if not leaves or not all(isinstance(v, Tensor) and v.is_floating_point() for v in leaves):
+        raise TypeError(
+            "residual_fun must return a floating-point tensor or a pytree of floating-point "
+            f"tensors, got {type(r).__name__}"
+        )
+    return torch.cat([v.reshape(-1) for v in leaves]) if len(leaves) > 1 else leaves[0].reshape(-1)
+
+
+def _solve(solver: Any, matvec: Callable[[Tensor], Tensor], b: Tensor) -> Tensor:
+    """``A⁻¹ b`` with one of the package's linear solvers (a name or a callable)."""
+    solve = _linear_solve.get_solver(solver)
+    if _linear_solve.is_builtin(solve):
+        # The outer iteration reports failure; an inexact inner solve only slows it.
+        return solve(matvec, b, on_failure="ignore")
+    return solve(matvec, b)
+
+
+def _least_squares_objective(residual_fun: Callable[..., Any]) -> Callable[..., Tensor]:
+    def objective(x, *args):
+        return 0.5 * sum((v * v).sum() for v in tree_leaves(residual_fun(x, *args)))
+
+    return objective
+
+
+@dataclasses.dataclass
+class GaussNewton(IterativeSolver):
+    """Gauss–Newton for ``min_x ½‖r(x, *args)‖²`` with ``r = residual_fun``.
+
+    With ``J = ∂r/∂x`` at ``x``: solve ``JᵀJ δ = −Jᵀr`` and set ``x⁺ = x + stepsize · δ``
+    (Nocedal & Wright, 2006, §10.3). ``JᵀJ`` is applied matrix-free (``v ↦ Jᵀ(J v)``, one
+    ``torch.func.jvp`` and one vjp); ``solver`` chooses the linear solver: ``"cholesky"`` (the
+    default: forms the ``N × N`` matrix with ``N`` vmapped matvecs, exact), ``"cg"``
+    (matrix-free), any other name of :mod:`implicit_torch.linear_solve` or a callable
+    ``solve(matvec, b)``. ``J`` needs full column rank; otherwise use
+    :class:`~implicit_torch.solvers.levenberg_marquardt.LevenbergMarquardt`.
+
+    ``run(init, *args)``; ``init`` a tensor or pytree (flattened internally; ``r`` may be a
+    pytree too). The solution is differentiable in ``args`` through the stationarity condition
+    ``Jᵀr = ∇ₓ ½‖r‖² = 0`` (default linear solver CG: its Jacobian, the Hessian
+    ``JᵀJ + Σᵢ rᵢ ∇²rᵢ``, is symmetric). ``state.error = ‖Jᵀr‖`` at the iterate the last step was
+    taken from (as for :class:`GradientDescent`).
+
+    Attributes:
+        residual_fun: ``r(x, *args)``, a tensor or pytree of tensors (any shapes).
+        solver: the linear solver of the Gauss–Newton system.
+        stepsize: the step length (1: the full Gauss–Newton step).
+        maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`.
+    """
+
+    residual_fun: Callable[..., Any]
+    solver: str | Callable[..., Any] = "cholesky"
+    stepsize: float = 1.0
+
+    default_diff_solve: ClassVar[str] = "cg"
+
+    def init_state(self, init: Any, *args: Any) -> GaussNewtonState:
+        if not self.stepsize > 0:
+            raise ValueError(f"stepsize must be positive, got {self.stepsize}")
+        _linear_solve.get_solver(self.solver)  # a clear error for an unknown name
+        leaf = Raveler(init, batched=False, what="init").ravel(init)
+        return GaussNewtonState(
+            iter_num=torch.zeros((), dtype=torch.int64, device=leaf.device),
+            value=torch.tensor(math.inf, dtype=leaf.dtype, device=leaf.device),
+            error=torch.tensor(math.inf, dtype=leaf.dtype, device=leaf.device),
+        )
+
+    def update(self, params: Any, state: GaussNewtonState, *args: Any) -> OptStep:
+        """One Gauss–Newton step."""
+        lin = _Linearization(self.residual_fun, params, args)
+        delta = _solve(self.solver, lin.normal_matvec(), -lin.grad)
+        x_new = lin.x + self.stepsize * delta
+        new_state = GaussNewtonState(
+            iter_num=state.iter_num + 1,
+            value=0.5 * torch.dot(lin.r, lin.r),
+            error=torch.linalg.vector_norm(lin.grad),
+        )
+        return OptStep(lin.raveler.unravel(x_new.reshape(1, -1)), new_state)
+
+    def optimality_fun(self, params: Any, *args: Any) -> Any:
+        """``Jᵀr = ∇ₓ ½‖residual_fun(params, *args)‖²``, shaped like ``params``."""
+        return make_stationarity_fun(_least_squares_objective(self.residual_fun))(params, *args)
