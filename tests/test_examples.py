@@ -50,3 +50,12 @@ def test_deq_digits_smoke(tmp_path):
     assert result["grad_check"] < 1e-4
     # two epochs on 300 images already beat chance (10 %) by far
     assert result["acc_final"] > 0.5 > result["acc_initial"]
+
+
+def test_imaml_sinusoid_smoke(tmp_path):
+    result = _load("imaml_sinusoid").main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "imaml_sinusoid.png").stat().st_size > 10_000
+    # implicit meta-gradient = autograd through the closed-form inner solution
+    assert result["grad_check"] < 1e-8
+    # adapting to 10 shots helps even after a few meta-steps
+    assert result["mse_adapted"] < result["mse_unadapted"]
