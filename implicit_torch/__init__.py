@@ -27,9 +27,11 @@ from implicit_torch.linear_solve import (
 )
 from implicit_torch.solvers import (
     LBFGS,
+    QP,
     AndersonAcceleration,
     Bisection,
     Broyden,
+    EqualityConstrainedQP,
     FixedPointIteration,
     GaussNewton,
     GradientDescent,
@@ -43,11 +45,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LBFGS",
+    "QP",
     "AndersonAcceleration",
     "Bisection",
     "Broyden",
     "ConvergenceError",
     "ConvergenceWarning",
+    "EqualityConstrainedQP",
     "FixedPointIteration",
     "GaussNewton",
     "GradientDescent",

@@ -30,6 +30,7 @@ __all__ = [
     "projection_l2_sphere",
     "projection_linf_ball",
     "projection_non_negative",
+    "projection_polyhedron",
     "projection_simplex",
 ]
 
@@ -181,3 +182,20 @@ def projection_affine_set(x: Tensor, hyperparams: tuple) -> Tensor:
     """
     A, b = hyperparams
     return x - A.mT @ torch.linalg.solve(A @ A.mT, A @ x - b)
+
+
+def projection_polyhedron(x: Tensor, hyperparams: tuple, check_feasible: bool = False) -> Tensor:
+    """Projection onto the polyhedron ``{y : A y = b, G y ≤ h}``: the QP
+    ``argmin_y ½‖y − x‖²`` solved by :class:`~implicit_torch.QP` (interior point, batched),
+    differentiable in ``x`` and in ``(A, b, G, h)`` through its KKT conditions.
+
+    Args:
+        x: ``(n,)``, or ``(B, n)`` for a batch of points.
+        hyperparams: ``(A, b, G, h)``, shared or per point; ``(A, b)`` or ``(G, h)`` may be
+            ``(None, None)``.
+        check_feasible: raise instead of warning when the projection fails (an empty set).
+    """
+    # Imported here: the solvers import this module.
+    from implicit_torch.solvers.qp import projection_polyhedron as via_qp
+
+    return via_qp(x, hyperparams, check_feasible)

@@ -198,3 +198,14 @@ def test_pytree_projections():
     torch.testing.assert_close(P.projection_non_negative(x)["b"], torch.zeros(1, dtype=DT))
     inside = P.projection_l2_ball(x, 20.0)
     torch.testing.assert_close(inside["w"], x["w"])
+
+
+def test_polyhedron_projection_is_reachable_from_the_projection_module():
+    # the simplex as a polyhedron: {1ᵀy = 1, −y ≤ 0}
+    x = torch.tensor([[0.8, -0.3, 0.6, 0.1], [2.0, 1.5, -1.0, 0.0]], dtype=torch.float64)
+    n = x.shape[1]
+    A, b = torch.ones(1, n, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    G, h = -torch.eye(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    p = P.projection_polyhedron(x, (A, b, G, h))
+    ref = torch.stack([P.projection_simplex(row) for row in x])
+    torch.testing.assert_close(p, ref, rtol=1e-7, atol=1e-8)

@@ -16,21 +16,25 @@ from implicit_torch.solvers.lbfgs import LBFGS, LbfgsState
 from implicit_torch.solvers.levenberg_marquardt import LevenbergMarquardt, LevenbergMarquardtState
 from implicit_torch.solvers.projected_gradient import ProjectedGradient
 from implicit_torch.solvers.proximal_gradient import ProxGradState, ProximalGradient
+from implicit_torch.solvers.qp import QP, EqualityConstrainedQP, KKTSolution, QPState
 
 __all__ = [
     "LBFGS",
+    "QP",
     "AndersonAcceleration",
     "AndersonState",
     "Bisection",
     "BisectionState",
     "Broyden",
     "BroydenState",
+    "EqualityConstrainedQP",
     "FixedPointIteration",
     "FixedPointState",
     "GaussNewton",
     "GaussNewtonState",
     "GradientDescent",
     "IterativeSolver",
+    "KKTSolution",
     "LbfgsState",
     "LevenbergMarquardt",
     "LevenbergMarquardtState",
@@ -38,4 +42,5 @@ __all__ = [
     "ProjectedGradient",
     "ProxGradState",
     "ProximalGradient",
+    "QPState",
 ]
