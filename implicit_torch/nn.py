@@ -7,6 +7,8 @@
 * :class:`ArgminLayer` — ``x* = argmin_x objective(x, *inputs)``: define ``objective`` (and
   ``initial``); the forward runs gradient descent, the backward differentiates the
   stationarity condition ``∇ₓ objective = 0``.
+* :class:`QPLayer` — OptNet-style (Amos & Kolter, 2017) batched quadratic program
+  ``argmin_x ½xᵀQx + pᵀx  s.t.  Ax = b, Gx ≤ h`` as a layer, differentiable in all its data.
 * :class:`Sparsemax` and :class:`SimplexProjection` — Euclidean projections onto the simplex
   along a dimension (Martins & Astudillo, 2016), with their exact Jacobians.
 * :class:`DEQ` — a deep-equilibrium layer ``z* = f(z*, x)`` around any ``nn.Module`` ``f``:
@@ -33,8 +35,9 @@ from implicit_torch.projection import simplex_rows
 from implicit_torch.solvers.anderson import AndersonAcceleration
 from implicit_torch.solvers.fixed_point_iteration import FixedPointIteration
 from implicit_torch.solvers.gradient_descent import GradientDescent
+from implicit_torch.solvers.qp import QP
 
-__all__ = ["DEQ", "ArgminLayer", "ImplicitLayer", "SimplexProjection", "Sparsemax"]
+__all__ = ["DEQ", "ArgminLayer", "ImplicitLayer", "QPLayer", "SimplexProjection", "Sparsemax"]
 
 Tensor = torch.Tensor
 
@@ -188,6 +191,46 @@ class ArgminLayer(ImplicitLayer):
 
     def optimality(self, x: Any, *inputs: Any) -> Any:
         return torch.func.grad(self.objective)(x, *inputs)
+
+
+class QPLayer(nn.Module):
+    """``x*(Q, p, A, b, G, h) = argmin_x ½ xᵀQx + pᵀx  s.t.  A x = b,  G x ≤ h`` (OptNet).
+
+    ``forward(Q, p, G=None, h=None, A=None, b=None)``: each tensor is shared by the batch
+    (``Q (n, n)``, ``p (n,)``, ``G (m, n)``, ...) or per problem with a leading batch
+    dimension (``Q (B, n, n)``, ``p (B, n)``, ...); register learnable ones as parameters of
+    a surrounding module and pass them in. Returns ``x*`` of shape ``(B, n)`` (``(n,)`` when
+    nothing is batched), differentiable in every tensor through the KKT conditions (a shared
+    tensor gets the sum of the per-problem gradients: unlike qpth, which averages them).
+
+    Solved by :class:`~implicit_torch.QP` (batched primal-dual interior point); ``Q`` must be
+    positive definite and ``A`` of full row rank. Non-convergence (an infeasible problem)
+    warns, or raises with ``on_failure="raise"``; ``last_state`` holds the solver's state.
+
+    Args:
+        maxiter, tol, on_failure: passed to :class:`~implicit_torch.QP`.
+    """
+
+    def __init__(self, *, maxiter: int = 50, tol: float | None = None, on_failure: str = "warn"):
+        super().__init__()
+        self.maxiter, self.tol, self.on_failure = maxiter, tol, on_failure
+        self.last_state: Any = None
+
+    def forward(self, Q, p, G=None, h=None, A=None, b=None) -> Tensor:
+        if (G is None) != (h is None) or (A is None) != (b is None):
+            raise ValueError("QPLayer: pass G with h, and A with b")
+        if G is None:
+            raise ValueError(
+                "QPLayer: no inequality constraints given (G, h); for equality constraints "
+                "only use implicit_torch.EqualityConstrainedQP"
+            )
+        solver = QP(maxiter=self.maxiter, tol=self.tol, on_failure=self.on_failure)
+        params_eq = None if A is None else (A, b)
+        solution, self.last_state = solver.run(None, (Q, p), params_eq, (G, h))
+        return solution.primal
+
+    def extra_repr(self) -> str:
+        return f"maxiter={self.maxiter}, tol={self.tol}"
 
 
 class SimplexProjection(nn.Module):

@@ -11,7 +11,14 @@ from problems import DT, gen
 from torch import nn
 
 import implicit_torch as it
-from implicit_torch.nn import DEQ, ArgminLayer, ImplicitLayer, SimplexProjection, Sparsemax
+from implicit_torch.nn import (
+    DEQ,
+    ArgminLayer,
+    ImplicitLayer,
+    QPLayer,
+    SimplexProjection,
+    Sparsemax,
+)
 
 
 class RidgeLayer(ImplicitLayer):
@@ -172,6 +179,47 @@ def test_simplex_projection_layer_value():
     p = SimplexProjection(value=2.5)(x)
     torch.testing.assert_close(p.sum(-1), torch.full((3,), 2.5, dtype=DT))
     assert bool((p >= 0).all())
+
+
+# --- QPLayer ------------------------------------------------------------------------------------
+
+
+def qp_data(B=3, n=4, m=6, seed=20):
+    g = gen(seed)
+    M = torch.randn(n, n, generator=g, dtype=DT)
+    Q = M @ M.T + n * torch.eye(n, dtype=DT)
+    p = torch.randn(B, n, generator=g, dtype=DT)
+    G = torch.randn(m, n, generator=g, dtype=DT)
+    h = torch.rand(m, generator=g, dtype=DT) + 0.1  # x = 0 strictly feasible
+    return Q, p, G, h
+
+
+def test_qp_layer_gradcheck_per_problem_data():
+    Q, p, G, h = qp_data()
+    layer = QPLayer()
+    inputs = (p.clone().requires_grad_(), h.expand(3, -1).clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda p, h: layer(Q, p, G, h), inputs, atol=1e-6)
+
+
+def test_qp_layer_shared_data_gets_the_sum_of_per_problem_gradients():
+    Q, p, G, h = qp_data(seed=21)
+    layer = QPLayer()
+    Gs = G.clone().requires_grad_()
+    weights = torch.randn(3, 4, generator=gen(22), dtype=DT)
+    (g_batched,) = torch.autograd.grad((weights * layer(Q, p, Gs, h)).sum(), Gs)
+    g_loop = sum(
+        torch.autograd.grad((weights[i] * layer(Q, p[i], Gs, h)).sum(), Gs)[0] for i in range(3)
+    )
+    torch.testing.assert_close(g_batched, g_loop, rtol=1e-8, atol=1e-10)
+
+
+def test_qp_layer_reports_infeasible_problems_and_bad_arguments():
+    Q, p, G, _ = qp_data(seed=23)
+    G2 = torch.cat([G[:1], -G[:1]])  # g x ≤ −1 and −g x ≤ −1: empty
+    with pytest.raises(it.ConvergenceError):
+        QPLayer(on_failure="raise")(Q, p, G2, -torch.ones(2, dtype=DT))
+    with pytest.raises(ValueError, match="G with h"):
+        QPLayer()(Q, p, G, None)
 
 
 # --- DEQ -----------------------------------------------------------------------------------------
