@@ -59,3 +59,10 @@ def test_imaml_sinusoid_smoke(tmp_path):
     assert result["grad_check"] < 1e-8
     # adapting to 10 shots helps even after a few meta-steps
     assert result["mse_adapted"] < result["mse_unadapted"]
+
+
+def test_optnet_polytope_smoke(tmp_path):
+    result = _load("optnet_polytope").main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "optnet_polytope.png").stat().st_size > 10_000
+    assert result["grad_check"] < 1e-5  # the QP layer's gradient vs finite differences
+    assert result["loss_final"] < result["loss_initial"]
