@@ -16,6 +16,7 @@ from implicit_torch._implicit_diff import (
 )
 from implicit_torch.linear_solve import (
     SolveInfo,
+    WarmStart,
     solve_auto,
     solve_bicgstab,
     solve_cg,
@@ -61,6 +62,7 @@ __all__ = [
     "ProjectedGradient",
     "ProximalGradient",
     "SolveInfo",
+    "WarmStart",
     "custom_fixed_point",
     "custom_root",
     "implicit_solve",

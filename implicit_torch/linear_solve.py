@@ -41,10 +41,11 @@ import torch
 
 from implicit_torch import _runtime
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
-from implicit_torch._tree import Raveler
+from implicit_torch._tree import Raveler, tree_flatten, tree_map
 
 __all__ = [
     "SolveInfo",
+    "WarmStart",
     "auto_fused_budget",
     "get_solver",
     "solve_auto",
@@ -998,9 +999,54 @@ def get_solver(solve: str | Callable[..., Any]) -> Callable[..., Any]:
     return solve
 
 
+class WarmStart:
+    """A built-in solver that starts each solve from its previous solution.
+
+    In a training loop the systems of consecutive steps differ little (the parameters move a
+    little), so the previous step's backward adjoint is a good initial guess for the next:
+    ``solve=WarmStart("gmres")`` in a layer or ``custom_root`` feeds it as ``init`` whenever
+    the right-hand side has the same shapes and dtypes. ``iterations`` records the iterations
+    of every solve (the most of any system), to measure what the warm start saves; ``reset()``
+    forgets the stored solution. Inside ``torch.func`` transforms nothing is stored or reused.
+
+    Args:
+        solve: a built-in solver's name or function (possibly a ``functools.partial``), which
+            must accept ``init``.
+    """
+
+    def __init__(self, solve: str | Callable[..., Any] = "gmres"):
+        self.solve = get_solver(solve)
+        if not is_builtin(self.solve):
+            raise TypeError("WarmStart wraps a built-in solver (a name, or one of solve_*)")
+        self.last: Any = None
+        self.iterations: list[int] = []
+
+    def reset(self) -> None:
+        self.last = None
+
+    def _fits(self, b) -> bool:
+        if self.last is None:
+            return False
+        leaves_b, spec_b = tree_flatten(b)
+        leaves_l, spec_l = tree_flatten(self.last)
+        return spec_b == spec_l and all(
+            x.shape == y.shape and x.dtype == y.dtype and x.device == y.device
+            for x, y in zip(leaves_b, leaves_l)
+        )
+
+    def __call__(self, matvec, b, *, batched: bool = False, **kwargs):
+        if _runtime.under_functorch():
+            return self.solve(matvec, b, batched=batched, **kwargs)
+        init = self.last if self._fits(b) else None
+        x, info = self.solve(matvec, b, init=init, batched=batched, return_info=True, **kwargs)
+        self.last = tree_map(lambda t: t.detach(), x)
+        self.iterations.append(int(info.iterations.max()))
+        return x
+
+
 def _base(solve: Callable[..., Any]) -> Callable[..., Any]:
-    while isinstance(solve, functools.partial):
-        solve = solve.func
+    while isinstance(solve, (functools.partial, WarmStart)):
+        solve = solve.func if isinstance(solve, functools.partial) else solve.solve
     return solve
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from implicit_torch._implicit_diff import implicit_solve
 from implicit_torch._tree import tree_detach, tree_leaves
+from implicit_torch.linear_solve import WarmStart, is_builtin
 from implicit_torch.projection import simplex_rows
 from implicit_torch.solvers.anderson import AndersonAcceleration
 from implicit_torch.solvers.fixed_point_iteration import FixedPointIteration
@@ -275,7 +276,9 @@ class DEQ(nn.Module):
     * ``"implicit"``: the exact gradient at the fixed point, ``dz*/dθ = (I − ∂_z f)⁻¹ ∂_θ f``,
       with ``(I − ∂_z f)ᵀ`` inverted by ``backward_solve`` (``"gmres"`` by default; any engine
       solver name or callable, e.g. ``"neumann"`` for the truncated Neumann series when ``f``
-      is contractive).
+      is contractive). With ``warm_start=True`` the backward solve also starts from the
+      previous call's adjoint (:class:`~implicit_torch.WarmStart`; its ``iterations`` list,
+      ``deq.backward_solve.iterations``, records what each solve took).
     * ``"phantom"``: the phantom gradient (Geng et al., 2021): ``k = phantom_steps`` damped
       steps ``z ← (1 − λ) z + λ f(z, x)`` from ``z*`` with autograd recording
       (``λ = phantom_damping``); ``k = 1, λ = 1`` is the one-step (Jacobian-free) gradient of
@@ -315,6 +318,10 @@ class DEQ(nn.Module):
         self.z_shape = z_shape
         self.solver = solver
         self.maxiter, self.tol, self.history_size = maxiter, tol, history_size
+        if warm_start and not isinstance(backward_solve, WarmStart):
+            # built-in solvers get the previous adjoint as init; a user callable is left alone
+            if isinstance(backward_solve, str) or is_builtin(backward_solve):
+                backward_solve = WarmStart(backward_solve)
         self.backward, self.backward_solve = backward, backward_solve
         self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
         self.warm_start = warm_start
@@ -326,6 +333,8 @@ class DEQ(nn.Module):
 
     def reset_warm_start(self) -> None:
         self._last_solution = None
+        if isinstance(self.backward_solve, WarmStart):
+            self.backward_solve.reset()
 
     def _fixed_point_solver(self, T, implicit: bool):
         common = dict(

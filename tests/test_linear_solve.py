@@ -354,3 +354,55 @@ def test_neumann_reports_divergence():
         it.solve_neumann(lambda v: A @ v, b, maxiter=500)
     with pytest.raises(it.ConvergenceError, match="not contractive"):
         it.solve_neumann(lambda v: A @ v, b, maxiter=500, on_failure="raise")
+
+
+# --- WarmStart ---------------------------------------------------------------------------------
+
+
+def test_warm_start_reuses_the_previous_solution_of_nearby_systems():
+    A0, b0 = spd(30, seed=60, cond=1e3), torch.randn(30, generator=gen(61), dtype=DT)
+    warm = it.WarmStart("cg")
+    cold = []
+    for k in range(4):
+        A, b = A0 + 1e-6 * k * torch.eye(30, dtype=DT), b0 + 1e-6 * k
+        x = warm(lambda v, A=A: A @ v, b, tol=1e-12)
+        assert rel_err(x, torch.linalg.solve(A, b)) < 1e-9
+        _, info = it.solve_cg(lambda v, A=A: A @ v, b, tol=1e-12, return_info=True)
+        cold.append(int(info.iterations))
+    assert warm.iterations[0] == cold[0]
+    # CG from the previous solution (1e-6 away) needs fewer iterations than from zero
+    assert all(w < c for w, c in zip(warm.iterations[1:], cold[1:])), (warm.iterations, cold)
+    warm.reset()
+    warm(lambda v: A0 @ v, b0, tol=1e-12)
+    assert warm.iterations[-1] == cold[0]
+
+
+def test_warm_start_ignores_a_solution_of_another_shape_and_wraps_builtins_only():
+    warm = it.WarmStart("gmres")
+    warm(lambda v: 2 * v, torch.ones(3, dtype=DT))
+    x = warm(lambda v: 2 * v, torch.ones(5, dtype=DT))  # the stored (3,) guess does not fit
+    torch.testing.assert_close(x, torch.full((5,), 0.5, dtype=DT))
+    with pytest.raises(TypeError, match="built-in"):
+        it.WarmStart(lambda matvec, b: b)
+
+
+def test_warm_start_in_the_engine_keeps_gradients_exact():
+    # custom_root with solve=WarmStart(...): the backward solve starts from the last adjoint
+    X = torch.randn(60, 30, generator=gen(62), dtype=DT)
+    y = torch.randn(60, generator=gen(63), dtype=DT)
+    warm = it.WarmStart(functools.partial(it.solve_cg, tol=1e-13))
+
+    def F(w, lam):
+        return X.T @ (X @ w - y) + lam * w
+
+    solver = it.custom_root(F, solve=warm)(
+        lambda init, lam: torch.linalg.solve(X.T @ X + torch.diag(lam), X.T @ y)
+    )
+    for k in range(3):
+        lam = torch.full((30,), 1.0 + 1e-4 * k, dtype=DT, requires_grad=True)
+        (g,) = torch.autograd.grad(solver(None, lam).sum(), lam)
+        lam_ref = lam.detach().clone().requires_grad_()
+        w_ref = torch.linalg.solve(X.T @ X + torch.diag(lam_ref), X.T @ y)
+        (r,) = torch.autograd.grad(w_ref.sum(), lam_ref)
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+    assert len(warm.iterations) == 3 and warm.iterations[2] < warm.iterations[0]

@@ -300,11 +300,16 @@ def test_deq_reports_non_convergence():
 def test_deq_warm_start_saves_iterations():
     f = Cell(8)
     x = torch.randn(4, 8, generator=gen(7), dtype=DT)
-    deq = DEQ(f, tol=1e-10, maxiter=200, warm_start=True)
-    deq(x)
+    deq = DEQ(f, tol=1e-10, maxiter=200, warm_start=True, backward_solve="bicgstab")
+    assert isinstance(deq.backward_solve, it.WarmStart)
+    deq(x).sum().backward()
     cold = int(deq.last_state.iter_num)
-    deq(x + 1e-4)
+    deq(x + 1e-4).sum().backward()
     assert deq.warm_starts == 1 and int(deq.last_state.iter_num) < cold
+    first, second = deq.backward_solve.iterations
+    assert second < first
+    deq.reset_warm_start()
+    assert deq.backward_solve.last is None
 
 
 @pytest.mark.parametrize(
