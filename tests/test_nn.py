@@ -439,3 +439,34 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     ((model(x) - y) ** 2).mean().backward()  # equal shards: the mean of shard means
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-9, atol=1e-12)
+
+
+# --- CUDA (run by scripts/gpu_check.sh; skipped without a GPU) -----------------------------------
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_layers_on_cuda_match_cpu():
+    f = Cell(6)
+    x = torch.randn(4, 6, generator=gen(40), dtype=DT)
+    deq = DEQ(f, tol=1e-12, maxiter=300)
+    params = list(f.parameters())
+    ref = torch.autograd.grad(deq(x).square().sum(), params)
+    f_gpu = f.to("cuda")
+    out = torch.autograd.grad(deq(x.cuda()).square().sum(), list(f_gpu.parameters()))
+    for g, r in zip(out, ref):
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-7, atol=1e-9)
+
+    Q, p, G, h = qp_data(seed=41)
+    pr = p.clone().requires_grad_()
+    (g_cpu,) = torch.autograd.grad(QPLayer()(Q, pr, G, h).square().sum(), pr)
+    pg = p.cuda().requires_grad_()
+    (g_gpu,) = torch.autograd.grad(QPLayer()(Q.cuda(), pg, G.cuda(), h.cuda()).square().sum(), pg)
+    torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-6, atol=1e-8)
+
+    X, y = data()
+    layer = RidgeLayer(5)
+    w_cpu = layer(X, y)
+    torch.testing.assert_close(layer.to("cuda")(X.cuda(), y.cuda()).cpu(), w_cpu)
