@@ -389,6 +389,18 @@ def test_torch_compile_of_a_model_with_layers():
         torch.testing.assert_close(g, r)
 
 
+def test_projection_layers_compile_with_fullgraph():
+    x = torch.randn(5, 7, generator=gen(15), dtype=DT, requires_grad=True)
+    layer = Sparsemax()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, layer(x))
+    (g,) = torch.autograd.grad((out * torch.arange(7.0, dtype=DT)).sum(), x)
+    (r,) = torch.autograd.grad((layer(x) * torch.arange(7.0, dtype=DT)).sum(), x)
+    torch.testing.assert_close(g, r)
+
+
 # --- DistributedDataParallel ---------------------------------------------------------------------
 
 
