@@ -17,11 +17,25 @@ from typing import Any
 
 import torch
 
+from implicit_torch._projection_polytopes import (
+    kl_projection_birkhoff,
+    kl_projection_simplex,
+    kl_projection_transport,
+    projection_birkhoff,
+    projection_box_section,
+    projection_sparse_simplex,
+    projection_transport,
+)
 from implicit_torch._tree import tree_l2_norm, tree_map
 
 __all__ = [
+    "kl_projection_birkhoff",
+    "kl_projection_simplex",
+    "kl_projection_transport",
     "projection_affine_set",
+    "projection_birkhoff",
     "projection_box",
+    "projection_box_section",
     "projection_halfspace",
     "projection_hypercube",
     "projection_hyperplane",
@@ -32,6 +46,8 @@ __all__ = [
     "projection_non_negative",
     "projection_polyhedron",
     "projection_simplex",
+    "projection_sparse_simplex",
+    "projection_transport",
 ]
 
 Tensor = torch.Tensor
