@@ -11,6 +11,8 @@
   ``argmin_x ½xᵀQx + pᵀx  s.t.  Ax = b, Gx ≤ h`` as a layer, differentiable in all its data.
 * :class:`Sparsemax` and :class:`SimplexProjection` — Euclidean projections onto the simplex
   along a dimension (Martins & Astudillo, 2016), with their exact Jacobians.
+* :class:`BirkhoffProjection` — scores to doubly-stochastic matrices: Sinkhorn (KL projection)
+  or the sparse Euclidean projection, differentiated implicitly.
 * :class:`DEQ` — a deep-equilibrium layer ``z* = f(z*, x)`` around any ``nn.Module`` ``f``:
   forward by Anderson acceleration (or plain fixed-point iteration), backward by the implicit
   fixed-point system, or by the cheap phantom / one-step gradient.
@@ -32,13 +34,21 @@ from torch import nn
 from implicit_torch._implicit_diff import implicit_solve
 from implicit_torch._tree import tree_detach, tree_leaves
 from implicit_torch.linear_solve import WarmStart, is_builtin
-from implicit_torch.projection import simplex_rows
+from implicit_torch.projection import kl_projection_birkhoff, projection_birkhoff, simplex_rows
 from implicit_torch.solvers.anderson import AndersonAcceleration
 from implicit_torch.solvers.fixed_point_iteration import FixedPointIteration
 from implicit_torch.solvers.gradient_descent import GradientDescent
 from implicit_torch.solvers.qp import QP
 
-__all__ = ["DEQ", "ArgminLayer", "ImplicitLayer", "QPLayer", "SimplexProjection", "Sparsemax"]
+__all__ = [
+    "DEQ",
+    "ArgminLayer",
+    "BirkhoffProjection",
+    "ImplicitLayer",
+    "QPLayer",
+    "SimplexProjection",
+    "Sparsemax",
+]
 
 Tensor = torch.Tensor
 
@@ -261,6 +271,42 @@ class Sparsemax(SimplexProjection):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+class BirkhoffProjection(nn.Module):
+    """Score matrices ``S`` (``(..., n, n)``) to doubly-stochastic matrices ``P``.
+
+    * ``kind="kl"``: ``P = argmin_{P ∈ B} KL(P ‖ exp S)``, Sinkhorn's normalisation (dense,
+      positive ``P``), differentiated through the Sinkhorn fixed point
+      (:func:`implicit_torch.projection.kl_projection_birkhoff`);
+    * ``kind="euclidean"``: ``P = argmin_{P ∈ B} ‖P − S‖²`` (sparse ``P``; a permutation for
+      well-separated scores), differentiated through its optimality conditions
+      (:func:`implicit_torch.projection.projection_birkhoff`).
+
+    Leading dimensions are a batch, projected one matrix at a time. Non-convergence within
+    ``max_iter`` warns (``on_failure="raise"``: an error).
+    """
+
+    def __init__(
+        self, kind: str = "kl", *, max_iter: int = 1000, tol: float = 1e-6, on_failure="warn"
+    ):
+        super().__init__()
+        if kind not in ("kl", "euclidean"):
+            raise ValueError(f"kind must be 'kl' or 'euclidean', got {kind!r}")
+        self.kind, self.max_iter, self.tol, self.on_failure = kind, max_iter, tol, on_failure
+
+    def forward(self, scores: Tensor) -> Tensor:
+        if scores.dim() < 2 or scores.shape[-1] != scores.shape[-2]:
+            raise ValueError(
+                f"BirkhoffProjection: scores must have shape (..., n, n), got {tuple(scores.shape)}"
+            )
+        project = kl_projection_birkhoff if self.kind == "kl" else projection_birkhoff
+        flat = scores.reshape(-1, *scores.shape[-2:])
+        out = [project(S, self.max_iter, self.tol, self.on_failure) for S in flat.unbind(0)]
+        return torch.stack(out).reshape(scores.shape)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, max_iter={self.max_iter}, tol={self.tol}"
 
 
 class DEQ(nn.Module):

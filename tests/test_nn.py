@@ -14,6 +14,7 @@ import implicit_torch as it
 from implicit_torch.nn import (
     DEQ,
     ArgminLayer,
+    BirkhoffProjection,
     ImplicitLayer,
     QPLayer,
     SimplexProjection,
@@ -482,3 +483,24 @@ def test_layers_on_cuda_match_cpu():
     layer = RidgeLayer(5)
     w_cpu = layer(X, y)
     torch.testing.assert_close(layer.to("cuda")(X.cuda(), y.cuda()).cpu(), w_cpu)
+
+
+@pytest.mark.parametrize("kind", ["kl", "euclidean"])
+def test_birkhoff_projection_layer(kind):
+    S = torch.randn(2, 4, 4, generator=gen(50), dtype=DT)
+    layer = BirkhoffProjection(kind, tol=1e-10)
+    P = layer(S)
+    ones = torch.ones(2, 4, dtype=DT)
+    torch.testing.assert_close(P.sum(-1), ones, atol=1e-8, rtol=0)
+    torch.testing.assert_close(P.sum(-2), ones, atol=1e-8, rtol=0)
+    project = (
+        it.projection.kl_projection_birkhoff if kind == "kl" else it.projection.projection_birkhoff
+    )
+    torch.testing.assert_close(P[1], project(S[1], 1000, 1e-10))
+    Sr = S[:1].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: layer(s), (Sr,), atol=1e-6)
+
+
+def test_birkhoff_projection_layer_rejects_non_square_scores():
+    with pytest.raises(ValueError, match=r"\(\.\.\., n, n\)"):
+        BirkhoffProjection()(torch.ones(3, 4))
