@@ -36,6 +36,7 @@ from implicit_torch._tree import tree_detach, tree_leaves
 from implicit_torch.linear_solve import WarmStart, is_builtin
 from implicit_torch.projection import kl_projection_birkhoff, projection_birkhoff, simplex_rows
 from implicit_torch.solvers.anderson import AndersonAcceleration
+from implicit_torch.solvers.broyden import Broyden
 from implicit_torch.solvers.fixed_point_iteration import FixedPointIteration
 from implicit_torch.solvers.gradient_descent import GradientDescent
 from implicit_torch.solvers.qp import QP
@@ -312,7 +313,8 @@ class BirkhoffProjection(nn.Module):
 class DEQ(nn.Module):
     """Deep-equilibrium layer: ``z* = f(z*, x)`` for an ``nn.Module`` ``f(z, x) -> z``.
 
-    Forward: Anderson acceleration (``solver="anderson"``) or fixed-point iteration
+    Forward: Anderson acceleration (``solver="anderson"``), limited-memory Broyden on
+    ``f(z) − z`` (``"broyden"``, ``4 · history_size`` rank-one terms) or fixed-point iteration
     (``"fixed_point"``) from ``z0`` (zeros, or the previous solution with ``warm_start``), at
     most ``maxiter`` iterations to ``‖f(z, x) − z‖ ≤ tol``; non-convergence warns (or raises
     with ``on_failure="raise"``), and ``last_state`` holds the solver's final state.
@@ -351,8 +353,10 @@ class DEQ(nn.Module):
         on_failure: str = "warn",
     ):
         super().__init__()
-        if solver not in ("anderson", "fixed_point"):
-            raise ValueError(f"solver must be 'anderson' or 'fixed_point', got {solver!r}")
+        if solver not in ("anderson", "broyden", "fixed_point"):
+            raise ValueError(
+                f"solver must be 'anderson', 'broyden' or 'fixed_point', got {solver!r}"
+            )
         if backward not in ("implicit", "phantom"):
             raise ValueError(f"backward must be 'implicit' or 'phantom', got {backward!r}")
         if phantom_steps < 1 or not 0 < phantom_damping <= 1:
@@ -392,6 +396,15 @@ class DEQ(nn.Module):
         )
         if self.solver == "anderson":
             return AndersonAcceleration(fixed_point_fun=T, history_size=self.history_size, **common)
+        if self.solver == "broyden":
+            # limited-memory Broyden on F(z) = f(z) − z, starting from J₀ = −I (exact when
+            # ∂f/∂z = 0); its implicit derivative is the same fixed-point system's
+            return Broyden(
+                fun=lambda z, *a: T(z, *a) - z,
+                jacobian_init=-1.0,
+                memory_size=max(self.history_size, 1) * 4,
+                **common,
+            )
         return FixedPointIteration(fixed_point_fun=T, **common)
 
     def _z0(self, x: Tensor, z0: Tensor | None) -> Tensor:

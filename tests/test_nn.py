@@ -248,7 +248,7 @@ def unrolled(f, x, steps=300):
     return z
 
 
-@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point"])
 @pytest.mark.parametrize("backward_solve", ["gmres", "lu", "neumann"])
 def test_deq_implicit_gradient_matches_converged_unrolling(solver, backward_solve):
     f = Cell(6)

@@ -535,3 +535,27 @@ def test_bisection_under_vmap():
     x = torch.func.vmap(root)(theta)
     torch.testing.assert_close(x, -torch.sign(theta) * theta.abs() ** (1 / 3))
     torch.testing.assert_close(torch.func.vmap(torch.func.grad(root))(theta), -1 / (3 * x**2))
+
+
+def test_limited_memory_broyden_matches_dense_broyden_root():
+    from implicit_torch.solvers.broyden import Broyden
+
+    g = torch.Generator().manual_seed(70)
+    W = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    W = 0.6 * W / torch.linalg.matrix_norm(W, ord=2)
+    theta = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def F(x, theta):  # fixed point of the contraction tanh(W x + θ), as a root
+        return torch.tanh(W @ x + theta) - x
+
+    x0 = torch.zeros(12, dtype=torch.float64)
+    dense = Broyden(fun=F, jacobian_init=-1.0, tol=1e-12, maxiter=200).run(x0, theta)
+    limited = Broyden(fun=F, jacobian_init=-1.0, memory_size=6, tol=1e-12, maxiter=200)
+    sol, state = limited.run(x0, theta)
+    torch.testing.assert_close(sol, dense.params.detach(), rtol=1e-10, atol=1e-11)
+    assert state.low_rank_u.shape == (6, 12) and int(state.iter_num) < 200
+    (g1,) = torch.autograd.grad(sol.sum(), theta)
+    (g2,) = torch.autograd.grad(dense.params.sum(), theta)
+    torch.testing.assert_close(g1, g2)
+    with pytest.raises(ValueError, match="memory_size"):
+        Broyden(fun=F, memory_size=3).run(x0, theta)

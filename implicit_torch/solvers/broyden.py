@@ -23,13 +23,18 @@ class BroydenState(NamedTuple):
         iter_num: iterations run (int64, 0-d).
         value: ``F(x)`` at the current iterate, flattened, ``(N,)``.
         error: ``‖F(x)‖`` at the current iterate.
-        inv_jacobian: ``(N, N)``, the current approximation ``H`` of ``(∂ₓF)⁻¹``.
+        inv_jacobian: ``(N, N)``, the current approximation ``H`` of ``(∂ₓF)⁻¹`` (``(0, 0)``
+            with ``memory_size``).
+        low_rank_u, low_rank_v: with ``memory_size = m``, ``(m, N)`` each: ``H = I / a + Σ_k
+            u_k v_kᵀ`` over the rows (zero rows are unused slots); ``(0, N)`` otherwise.
     """
 
     iter_num: Tensor
     value: Tensor
     error: Tensor
     inv_jacobian: Tensor
+    low_rank_u: Tensor
+    low_rank_v: Tensor
 
 
 @dataclasses.dataclass
@@ -46,7 +51,10 @@ class Broyden(IterativeSolver):
     ``torch.func.jacrev`` (``N`` reverse passes, vectorised; a pseudo-inverse if singular) when
     ``jacobian_init`` is None, or ``I / jacobian_init`` for a number (e.g. ``-1`` for a
     fixed-point residual ``F = T − x`` with a contractive ``T``). ``H`` is dense, ``N × N``: for
-    small to moderate ``N``. No line search.
+    small to moderate ``N``. With ``memory_size = m`` (limited-memory Broyden, as used for deep
+    equilibrium models), ``H = I / jacobian_init + Σ u_k v_kᵀ`` is kept as at most ``m`` rank-one
+    terms, ``O(m N)`` memory; once they are all used, the oldest term is overwritten. No line
+    search.
 
     ``run(init, *args)``; ``init`` a tensor or pytree; ``F`` returns a pytree like ``x``. The
     solution is differentiable in ``args`` through ``F`` itself (default linear solver GMRES).
@@ -57,12 +65,15 @@ class Broyden(IterativeSolver):
         jacobian_init: None (the exact Jacobian at ``init``) or a nonzero number ``a``
             (``J₀ = a I``).
         stepsize: scaling of the quasi-Newton step (1: full step).
+        memory_size: None (dense ``H``) or the number ``m`` of rank-one terms kept (needs a
+            number ``jacobian_init``).
         maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`.
     """
 
     fun: Callable[..., Any]
     jacobian_init: float | None = None
     stepsize: float = 1.0
+    memory_size: int | None = None
 
     def _flat_fun(self, raveler: Raveler, args: tuple) -> Callable[[Tensor], Tensor]:
         def flat(x: Tensor) -> Tensor:
@@ -77,6 +88,11 @@ class Broyden(IterativeSolver):
             raise ValueError("jacobian_init must be None or a nonzero number")
         if not self.stepsize > 0:
             raise ValueError(f"stepsize must be positive, got {self.stepsize}")
+        if self.memory_size is not None and (self.memory_size < 1 or self.jacobian_init is None):
+            raise ValueError(
+                "memory_size must be a positive integer, and needs a number jacobian_init "
+                f"(got memory_size={self.memory_size}, jacobian_init={self.jacobian_init})"
+            )
         raveler = Raveler(init, batched=False, what="init")
         if not all(isinstance(v, Tensor) for v in tree_leaves(init)):
             raise TypeError("init must be a tensor or a pytree of tensors")
@@ -84,6 +100,17 @@ class Broyden(IterativeSolver):
         flat = self._flat_fun(raveler, args)
         value = flat(x)
         n = x.numel()
+        kw = dict(dtype=x.dtype, device=x.device)
+        if self.memory_size is not None:
+            m = self.memory_size
+            return BroydenState(
+                iter_num=torch.zeros((), dtype=torch.int64, device=x.device),
+                value=value,
+                error=torch.linalg.vector_norm(value),
+                inv_jacobian=torch.zeros((0, 0), **kw),
+                low_rank_u=torch.zeros((m, n), **kw),
+                low_rank_v=torch.zeros((m, n), **kw),
+            )
         if self.jacobian_init is None:
             J = torch.func.jacrev(flat)(x)
             H, info = torch.linalg.inv_ex(J)
@@ -95,10 +122,14 @@ class Broyden(IterativeSolver):
             value=value,
             error=torch.linalg.vector_norm(value),
             inv_jacobian=H,
+            low_rank_u=torch.zeros((0, n), **kw),
+            low_rank_v=torch.zeros((0, n), **kw),
         )
 
     def update(self, params: Any, state: BroydenState, *args: Any) -> OptStep:
         """One Broyden step and inverse-Jacobian update."""
+        if self.memory_size is not None:
+            return self._update_low_rank(params, state, *args)
         raveler = Raveler(params, batched=False, what="params")
         x = raveler.ravel(params).reshape(-1)
         H, value = state.inv_jacobian, state.value
@@ -117,6 +148,39 @@ class Broyden(IterativeSolver):
             value=value_new,
             error=torch.linalg.vector_norm(value_new),
             inv_jacobian=torch.where(ok, H_new, H),
+            low_rank_u=state.low_rank_u,
+            low_rank_v=state.low_rank_v,
+        )
+        return OptStep(raveler.unravel(x_new.reshape(1, -1)), new_state)
+
+    def _update_low_rank(self, params: Any, state: BroydenState, *args: Any) -> OptStep:
+        """The same step with ``H = I/a + Uᵀ V`` (rows ``u_k``, ``v_k``): ``H z = z/a +
+        Uᵀ(V z)``, ``Hᵀ s = s/a + Vᵀ(U s)``; the new term ``u = (s − Hy)/(sᵀHy)``, ``v = Hᵀs``
+        goes to slot ``iter_num mod m``."""
+        raveler = Raveler(params, batched=False, what="params")
+        x = raveler.ravel(params).reshape(-1)
+        U, V, a = state.low_rank_u, state.low_rank_v, self.jacobian_init
+
+        def H(z):
+            return z / a + U.T @ (V @ z)
+
+        s = -self.stepsize * H(state.value)
+        x_new = x + s
+        value_new = self._flat_fun(raveler, args)(x_new)
+        Hy = H(value_new - state.value)
+        sH = s / a + V.T @ (U @ s)
+        denom = torch.dot(s, Hy)
+        eps = torch.finfo(x.dtype).eps
+        ok = denom.abs() > eps * torch.linalg.vector_norm(s) * torch.linalg.vector_norm(Hy)
+        slot = (torch.arange(U.shape[0], device=x.device) == state.iter_num % U.shape[0])[:, None]
+        write = slot & ok
+        new_state = BroydenState(
+            iter_num=state.iter_num + 1,
+            value=value_new,
+            error=torch.linalg.vector_norm(value_new),
+            inv_jacobian=state.inv_jacobian,
+            low_rank_u=torch.where(write, ((s - Hy) / torch.where(ok, denom, 1))[None], U),
+            low_rank_v=torch.where(write, sH[None], V),
         )
         return OptStep(raveler.unravel(x_new.reshape(1, -1)), new_state)
 
