@@ -9,7 +9,11 @@ construction; they differ in the backward:
 * ``implicit``: :class:`implicit_torch.nn.DEQ` (``solver="fixed_point"``), gradient by the
   implicit fixed-point system ``(I − ∂f/∂z)ᵀ u = v``, solved by GMRES (``backward_solve``);
 * ``neumann``: the same with the Neumann-series solver (``backward_solve="neumann"``);
-* ``unrolled``: autograd through the ``K`` iterations.
+* ``unrolled``: autograd through the ``K`` iterations;
+* ``torchdeq``: torchdeq 0.1.0's DEQ with implicit differentiation (``ift=True``), the same
+  ``K`` forward iterations and its fixed-point-iteration backward solver, when torchdeq is
+  importable (``benchmarks/requirements-peers.txt`` installs it in a separate environment:
+  ``PYTHONPATH=. /tmp/peers-venv/bin/python benchmarks/deq.py``).
 
 Then warm starts: 20 SGD steps on one batch, each forward started from the previous solution
 and each backward solve from the previous adjoint (``DEQ(warm_start=True)``, which wraps the
@@ -19,8 +23,7 @@ per step after the first, for three backward solvers.
 Reported per model size: median time of forward + backward (``torch.utils.benchmark``, after
 a warm-up), the peak bytes autograd keeps for the backward (saved tensors, parameters and
 inputs excluded; benchmarks/_memory.py), the ratios unrolled / implicit, and each gradient's
-relative error against a tightly converged implicit gradient. torchdeq is not compared (it is
-not installed here; it would need its own environment).
+relative error against a tightly converged implicit gradient.
 
     python benchmarks/deq.py [--quick] [--threads N]
 """
@@ -91,6 +94,26 @@ def make_losses(f, head, x, K):
         "neumann": layer_grad("neumann", K, 0.0),
         "unrolled": unrolled,
     }
+    try:
+        from torchdeq import get_deq
+    except ImportError:
+        print("(torchdeq is not installed: not compared)")
+    else:
+        peer = get_deq(
+            ift=True,
+            f_solver="fixed_point_iter",
+            b_solver="fixed_point_iter",
+            f_max_iter=K,
+            f_tol=0.0,
+            b_max_iter=10 * K,
+            b_tol=1e-6,
+        )
+
+        def torchdeq_loss():
+            z_out, _ = peer(lambda z: f(z, x), torch.zeros_like(x))
+            return head(z_out[-1]).square().sum()
+
+        losses["torchdeq"] = torchdeq_loss
     reference = layer_grad("gmres", 50 * K, 1e-9)
     return losses, reference, params
 
