@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint docs clean
 
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
 
@@ -31,5 +31,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The documentation (docs/), from the docstrings; every Sphinx warning is an error.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) build *.egg-info examples/out
+	rm -rf $(VENV) build *.egg-info examples/out docs/_build
