@@ -5,7 +5,7 @@ satisfies; the solution becomes differentiable in ``params`` through the implici
 theorem (Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022).
 """
 
-from implicit_torch import meta, nn, ops, optimality, projection, prox
+from implicit_torch import loss, meta, nn, objective, ops, optimality, projection, prox
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
 from implicit_torch._implicit_diff import (
     custom_fixed_point,
@@ -31,12 +31,14 @@ from implicit_torch.solvers import (
     QP,
     AndersonAcceleration,
     Bisection,
+    BlockCoordinateDescent,
     Broyden,
     EqualityConstrainedQP,
     FixedPointIteration,
     GaussNewton,
     GradientDescent,
     LevenbergMarquardt,
+    MirrorDescent,
     OptStep,
     ProjectedGradient,
     ProximalGradient,
@@ -49,6 +51,7 @@ __all__ = [
     "QP",
     "AndersonAcceleration",
     "Bisection",
+    "BlockCoordinateDescent",
     "Broyden",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -58,6 +61,7 @@ __all__ = [
     "GradientDescent",
     "IndefiniteSystemError",
     "LevenbergMarquardt",
+    "MirrorDescent",
     "OptStep",
     "ProjectedGradient",
     "ProximalGradient",
@@ -66,8 +70,10 @@ __all__ = [
     "custom_fixed_point",
     "custom_root",
     "implicit_solve",
+    "loss",
     "meta",
     "nn",
+    "objective",
     "ops",
     "optimality",
     "projection",

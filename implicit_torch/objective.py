@@ -1,0 +1,300 @@
+"""Objective functions of the usual learning problems, with JAXopt's names and signatures.
+
+``objective(W, *hyperparams, data)`` returns a scalar (0-d) tensor; ``data = (X, y)`` with
+``X`` of shape ``(n, d)``. Labels: real targets ``y`` of shape ``(n,)`` or ``(n, k)`` (least
+squares), ``{0, 1}`` labels of shape ``(n,)`` (binary logistic), integer classes in ``[0, k)``
+of shape ``(n,)`` (multiclass logistic), one-hot ``Y`` of shape ``(n, k)`` (SVM dual).
+
+The objectives that are a smooth function of a linear map of ``W`` are
+:class:`CompositeLinearFunction` instances: callable like any objective, and also exposing
+that structure (``predictions = A W + c``, the gradient of the outer function, column-wise
+Lipschitz constants), which :class:`~implicit_torch.solvers.block_coordinate_descent.
+BlockCoordinateDescent` needs to update one block of ``W`` in ``O(size of A's column)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from implicit_torch.loss import binary_logistic_loss, multiclass_logistic_loss
+
+__all__ = [
+    "CompositeLinearFunction",
+    "binary_logistic_regression",
+    "l2_multiclass_logistic_regression",
+    "l2_multiclass_logistic_regression_with_intercept",
+    "least_squares",
+    "multiclass_linear_svm_dual",
+    "multiclass_logistic_regression",
+    "multiclass_logistic_regression_with_intercept",
+    "ridge_regression",
+]
+
+Tensor = torch.Tensor
+
+
+class CompositeLinearFunction:
+    """``f(W, *args) = subfun(A W + c, *args) + ⟨b, W⟩``: a smooth outer function of an affine
+    map of ``W``, plus a linear term.
+
+    Shapes: ``A`` is ``(m, d)``; ``W`` is ``(d,)`` or ``(d, k)``; the predictions
+    ``z = A W + c`` are ``(m,)`` or ``(m, k)``; ``b`` is shaped like ``W``. Block ``j`` of ``W``
+    (its entry or row ``j``) enters ``z`` only through column ``A[:, j]``, so
+    ``∂f/∂W[j] = A[:, j]ᵀ ∇subfun(z) + b[j]`` and the block's gradient is Lipschitz with
+    constant ``L_sub · ‖A[:, j]‖²`` when ``∇subfun`` is ``L_sub``-Lipschitz.
+
+    Args:
+        subfun: ``subfun(z, *args)``, a scalar tensor.
+        linear_op: ``linear_op(*args) -> A``.
+        offset: ``offset(*args) -> c`` (broadcastable to ``z``), or None for ``c = 0``.
+        linear_term: ``linear_term(*args) -> b``, or None for ``b = 0``.
+        subfun_grad: ``subfun_grad(z, *args) -> ∇subfun(z)`` in closed form; None: autograd.
+        subfun_lipschitz: ``subfun_lipschitz(*args) -> L_sub`` (number or 0-d tensor).
+        predictions_fun: ``predictions_fun(W, *args) -> A W + c`` computed more cheaply than
+            by forming ``c`` (e.g. ``A (W − W₀)``); None: ``linear_op(*args) @ W + c``.
+        name: the objective's name (``__name__``).
+    """
+
+    def __init__(
+        self,
+        subfun: Callable[..., Tensor],
+        linear_op: Callable[..., Tensor],
+        *,
+        offset: Callable[..., Tensor] | None = None,
+        linear_term: Callable[..., Tensor] | None = None,
+        subfun_grad: Callable[..., Tensor] | None = None,
+        subfun_lipschitz: Callable[..., Any] | None = None,
+        predictions_fun: Callable[..., Tensor] | None = None,
+        name: str = "composite_linear_function",
+        doc: str | None = None,
+    ):
+        self.subfun = subfun
+        self.linear_op = linear_op
+        self.offset = offset
+        self.linear_term = linear_term
+        self._subfun_grad = subfun_grad
+        self.subfun_lipschitz = subfun_lipschitz
+        self._predictions_fun = predictions_fun
+        self.__name__ = name
+        self.__doc__ = doc
+
+    def __repr__(self) -> str:
+        return f"<CompositeLinearFunction {self.__name__}>"
+
+    def predictions(self, W: Tensor, *args: Any) -> Tensor:
+        """``z = A W + c``, shape ``(m,)`` or ``(m, k)``."""
+        if self._predictions_fun is not None:
+            return self._predictions_fun(W, *args)
+        z = self.linear_op(*args) @ W
+        return z if self.offset is None else z + self.offset(*args)
+
+    def subfun_grad(self, z: Tensor, *args: Any) -> Tensor:
+        """``∇subfun(z, *args)``, shaped like ``z`` (closed form when given, else autograd)."""
+        if self._subfun_grad is not None:
+            return self._subfun_grad(z, *args)
+        return torch.func.grad(self.subfun)(z, *args)
+
+    def columnwise_lipschitz_const(self, *args: Any) -> Tensor:
+        """``L_sub · ‖A[:, j]‖²`` for every ``j``, shape ``(d,)``: the Lipschitz constants of the
+        block gradients ``∂f/∂W[j]``."""
+        if self.subfun_lipschitz is None:
+            raise ValueError(f"{self.__name__} does not define subfun_lipschitz")
+        A = self.linear_op(*args)
+        return self.subfun_lipschitz(*args) * (A * A).sum(0)
+
+    def __call__(self, W: Tensor, *args: Any) -> Tensor:
+        value = self.subfun(self.predictions(W, *args), *args)
+        if self.linear_term is not None:
+            value = value + (self.linear_term(*args) * W).sum()
+        return value
+
+
+def _data(args: tuple) -> tuple[Tensor, Tensor]:
+    return args[-1]
+
+
+def _design(*args: Any) -> Tensor:
+    return _data(args)[0]
+
+
+# -- least squares ------------------------------------------------------------------------
+
+
+def _ls_subfun(z: Tensor, data: tuple) -> Tensor:
+    return 0.5 * (z * z).mean()
+
+
+def _ls_grad(z: Tensor, data: tuple) -> Tensor:
+    return z / z.numel()
+
+
+least_squares = CompositeLinearFunction(
+    _ls_subfun,
+    _design,
+    offset=lambda data: -data[1],
+    subfun_grad=_ls_grad,
+    subfun_lipschitz=lambda data: 1.0 / data[1].numel(),
+    name="least_squares",
+    doc="""Least squares: ``least_squares(W, data) = ½ · mean((X W − y)²)``.
+
+    The mean runs over all ``n`` (or ``n · k``) entries of the residual.
+
+    Args:
+        W: ``(d,)`` for ``y`` of shape ``(n,)``, or ``(d, k)`` for ``y`` of shape ``(n, k)``.
+        data: ``(X, y)``, ``X`` of shape ``(n, d)``.
+
+    Returns:
+        A 0-d tensor. A :class:`CompositeLinearFunction` (``A = X``, ``c = −y``).
+    """,
+)
+
+
+def ridge_regression(W: Tensor, l2reg: Any, data: tuple) -> Tensor:
+    """Ridge regression: ``½ · mean((X W − y)²) + ½ · l2reg · ‖W‖²``.
+
+    Args:
+        W: ``(d,)`` or ``(d, k)`` as in :data:`least_squares`.
+        l2reg: ``≥ 0``, a number or 0-d tensor (or a tensor broadcastable to ``W``, one weight
+            per coefficient: then ``½ Σ l2reg ⊙ W²``).
+        data: ``(X, y)``.
+    """
+    return least_squares(W, data) + 0.5 * (l2reg * W * W).sum()
+
+
+# -- logistic regression ------------------------------------------------------------------
+
+
+def _blr_subfun(z: Tensor, data: tuple) -> Tensor:
+    return binary_logistic_loss(data[1], z).mean()
+
+
+def _blr_grad(z: Tensor, data: tuple) -> Tensor:
+    return (torch.sigmoid(z) - data[1].to(z.dtype)) / z.shape[0]
+
+
+binary_logistic_regression = CompositeLinearFunction(
+    _blr_subfun,
+    _design,
+    subfun_grad=_blr_grad,
+    subfun_lipschitz=lambda data: 0.25 / data[1].shape[0],
+    name="binary_logistic_regression",
+    doc="""Binary logistic regression: ``mean_i binary_logistic_loss(y_i, x_iᵀ W)``.
+
+    Args:
+        W: ``(d,)``.
+        data: ``(X, y)``, ``y`` of shape ``(n,)`` in ``{0, 1}``.
+
+    Returns:
+        A 0-d tensor. A :class:`CompositeLinearFunction` (``A = X``, ``σ' ≤ ¼``).
+    """,
+)
+
+
+def _mlr_subfun(z: Tensor, data: tuple) -> Tensor:
+    return multiclass_logistic_loss(data[1], z).mean()
+
+
+def _mlr_grad(z: Tensor, data: tuple) -> Tensor:
+    one_hot = F.one_hot(data[1].long(), z.shape[-1]).to(z.dtype)
+    return (torch.softmax(z, -1) - one_hot) / z.shape[0]
+
+
+multiclass_logistic_regression = CompositeLinearFunction(
+    _mlr_subfun,
+    _design,
+    subfun_grad=_mlr_grad,
+    # The Hessian of logsumexp, diag(p) − p pᵀ, has eigenvalues ≤ ½.
+    subfun_lipschitz=lambda data: 0.5 / data[1].shape[0],
+    name="multiclass_logistic_regression",
+    doc="""Multiclass logistic regression: ``mean_i multiclass_logistic_loss(y_i, x_iᵀ W)``.
+
+    Args:
+        W: ``(d, k)``.
+        data: ``(X, y)``, ``y`` of shape ``(n,)``, integer classes in ``[0, k)``.
+
+    Returns:
+        A 0-d tensor. A :class:`CompositeLinearFunction` (``A = X``).
+    """,
+)
+
+
+def multiclass_logistic_regression_with_intercept(params: tuple, data: tuple) -> Tensor:
+    """Multiclass logistic regression with intercept:
+    ``mean_i multiclass_logistic_loss(y_i, x_iᵀ W + b)``.
+
+    Args:
+        params: ``(W, b)``, shapes ``(d, k)`` and ``(k,)``.
+        data: ``(X, y)``, ``y`` integer classes of shape ``(n,)``.
+    """
+    W, b = params
+    X, y = data
+    return multiclass_logistic_loss(y, X @ W + b).mean()
+
+
+def l2_multiclass_logistic_regression(W: Tensor, l2reg: Any, data: tuple) -> Tensor:
+    """ℓ2-regularised multiclass logistic regression:
+    ``mean_i multiclass_logistic_loss(y_i, x_iᵀ W) + ½ · l2reg · ‖W‖²``.
+
+    Args:
+        W: ``(d, k)``.
+        l2reg: ``≥ 0``, a number or 0-d tensor.
+        data: ``(X, y)``, ``y`` integer classes of shape ``(n,)``.
+    """
+    return multiclass_logistic_regression(W, data) + 0.5 * l2reg * (W * W).sum()
+
+
+def l2_multiclass_logistic_regression_with_intercept(
+    params: tuple, l2reg: Any, data: tuple
+) -> Tensor:
+    """:func:`multiclass_logistic_regression_with_intercept` ``+ ½ · l2reg · ‖W‖²`` (the
+    intercept ``b`` is not regularised)."""
+    W, _ = params
+    return multiclass_logistic_regression_with_intercept(params, data) + 0.5 * l2reg * (W * W).sum()
+
+
+# -- multiclass linear SVM, dual ------------------------------------------------------------
+
+
+def _svm_subfun(z: Tensor, l2reg: Any, data: tuple) -> Tensor:
+    return 0.5 * (z * z).sum() / l2reg
+
+
+def _svm_grad(z: Tensor, l2reg: Any, data: tuple) -> Tensor:
+    return z / l2reg
+
+
+multiclass_linear_svm_dual = CompositeLinearFunction(
+    _svm_subfun,
+    lambda l2reg, data: data[0].T,
+    offset=lambda l2reg, data: -(data[0].T @ data[1].to(data[0].dtype)),
+    linear_term=lambda l2reg, data: data[1].to(data[0].dtype),
+    subfun_grad=_svm_grad,
+    subfun_lipschitz=lambda l2reg, data: 1.0 / l2reg,
+    # Xᵀ(β − Y) in one product, not Xᵀβ − XᵀY.
+    predictions_fun=lambda beta, l2reg, data: data[0].T @ (beta - data[1].to(beta.dtype)),
+    name="multiclass_linear_svm_dual",
+    doc="""Dual of the multiclass linear SVM (Crammer & Singer, 2001), to minimise over
+    ``β`` with every row on the simplex:
+
+    ``multiclass_linear_svm_dual(β, l2reg, data) = ½ / l2reg · ‖Xᵀ(Y − β)‖² + ⟨β, Y⟩``.
+
+    It is the negated dual objective ``⟨β, 1 − Y⟩ − ½ / l2reg · ‖Xᵀ(Y − β)‖²`` of the primal
+    ``min_W ½ l2reg ‖W‖² + Σ_i max_j (1 − Y_ij + x_iᵀ W_j − x_iᵀ W_{y_i})``, up to the
+    constant ``n = Σ β`` on the simplices; the primal solution is
+    ``W = Xᵀ(Y − β) / l2reg``, shape ``(d, k)``.
+
+    Args:
+        β: ``(n, k)``, rows on the probability simplex.
+        l2reg: ``> 0``, a number or 0-d tensor.
+        data: ``(X, Y)``, ``X`` of shape ``(n, d)`` and one-hot ``Y`` of shape ``(n, k)``.
+
+    Returns:
+        A 0-d tensor. A :class:`CompositeLinearFunction` with ``A = Xᵀ``, ``c = −XᵀY``,
+        ``subfun(z) = ½‖z‖² / l2reg`` and ``b = Y``, whose blocks are the rows of ``β``
+        (samples).
+    """,
+)
