@@ -84,3 +84,30 @@ def dense_ift(F, x, params):
         Jp = torch.autograd.functional.jacobian(f, p).reshape(n, -1)
         out.append((-torch.linalg.solve(Jx, Jp)).reshape(*x.shape, *p.shape))
     return out
+
+
+# --- solver tests: a small regression problem and the implicit-vs-unrolled comparison ---------
+
+
+def regression_data(seed: int = 0, n: int = 30, d: int = 6):
+    """A well-conditioned ``(X, y)``: ``X (n, d)`` with a diagonal boost, ``y (n,)``."""
+    g = gen(seed)
+    X = torch.randn(n, d, generator=g, dtype=DT) / n**0.5 + 0.4 * torch.eye(n, d, dtype=DT)
+    y = torch.randn(n, generator=g, dtype=DT)
+    return X, y
+
+
+def assert_implicit_matches_unrolled(make_case) -> None:
+    """``make_case(unroll=...) -> (solver, args)``; at convergence the implicit and unrolled
+    gradients of a loss of the solution, in ``t`` and ``y``, must agree."""
+    X, y = regression_data(9)
+    t = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.4, 0.6], dtype=DT)
+    grads = []
+    for unroll in (False, True):
+        solver, args = make_case(unroll=unroll)
+        tt, yy = t.clone().requires_grad_(), y.clone().requires_grad_()
+        w = solver.run(torch.zeros(6, dtype=DT), *args(X, yy, tt)).params
+        loss = ((w - 0.1) ** 2).sum()
+        grads.append(torch.autograd.grad(loss, (tt, yy)))
+    for gi, gu in zip(*grads):
+        torch.testing.assert_close(gi, gu, rtol=1e-7, atol=1e-9)

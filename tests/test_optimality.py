@@ -5,22 +5,11 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from problems import DT, gen
+from problems import regression_data as data
 
 import implicit_torch as it
 from implicit_torch import optimality, projection, prox
-
-DT = torch.float64
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def data(seed=0, n=30, d=6):
-    g = gen(seed)
-    X = torch.randn(n, d, generator=g, dtype=DT) / n**0.5 + 0.4 * torch.eye(n, d, dtype=DT)
-    y = torch.randn(n, generator=g, dtype=DT)
-    return X, y
 
 
 def least_squares(w, X, y):

@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from problems import DT, assert_implicit_matches_unrolled, gen
+from problems import regression_data as data
 
 import implicit_torch as it
 from implicit_torch import projection
@@ -14,19 +16,6 @@ from implicit_torch.solvers.broyden import Broyden
 from implicit_torch.solvers.gauss_newton import GaussNewton
 from implicit_torch.solvers.lbfgs import LBFGS
 from implicit_torch.solvers.levenberg_marquardt import LevenbergMarquardt
-
-DT = torch.float64
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def data(seed=0, n=30, d=6):
-    g = gen(seed)
-    X = torch.randn(n, d, generator=g, dtype=DT) / n**0.5 + 0.4 * torch.eye(n, d, dtype=DT)
-    y = torch.randn(n, generator=g, dtype=DT)
-    return X, y
 
 
 def jac(out, inp):
@@ -339,17 +328,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_implicit_and_unrolled_gradients_agree_at_convergence(name):
-    X, y = data(9)
-    t = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.4, 0.6], dtype=DT)
-    grads = []
-    for unroll in (False, True):
-        solver, args = CASES[name](unroll=unroll)
-        tt, yy = t.clone().requires_grad_(), y.clone().requires_grad_()
-        w = solver.run(torch.zeros(6, dtype=DT), *args(X, yy, tt)).params
-        loss = ((w - 0.1) ** 2).sum()
-        grads.append(torch.autograd.grad(loss, (tt, yy)))
-    for gi, gu in zip(*grads):
-        torch.testing.assert_close(gi, gu, rtol=1e-7, atol=1e-9)
+    assert_implicit_matches_unrolled(CASES[name])
 
 
 # --- failures, bad input, dtypes ---------------------------------------------------------------
