@@ -207,8 +207,6 @@ def warm_start_savings(width=64, batch=32, steps=20, lr=1e-3):
             f"{row[False][1]:>8.1f} {row[True][1]:>8.1f}",
             flush=True,
         )
-    print("(GMRES counts whole restart cycles of 20 Arnoldi steps: a warm start saves only a")
-    print(" cycle that it makes unnecessary)")
 
 
 if __name__ == "__main__":

@@ -310,6 +310,11 @@ def _gmres(sys: _FlatSystem, maxiter: int, restart: int):
     made of batched matrix products). The small least-squares problem of each cycle is solved
     by QR; a (happy) breakdown leaves zero columns, whose unknowns are set to zero.
     ``maxiter`` counts Arnoldi steps (matvecs) in all cycles together.
+
+    Where values can be read, a cycle also stops early, at the first step after which every
+    running system's least-squares residual ``β |Q[0, j+1]|`` (from a complete QR of the
+    ``(j+2, j+1)`` Hessenberg matrix, checked every ``check_interval`` steps) meets its
+    target; the true residual is recomputed at the end of every cycle either way.
     """
     B, N = sys.shape
     x = sys.x0
@@ -317,7 +322,7 @@ def _gmres(sys: _FlatSystem, maxiter: int, restart: int):
     res = _norm(r)
     active = res > sys.threshold
     iters = torch.zeros(B, dtype=torch.int64, device=x.device)
-    inspect = sys.inspect
+    inspect, interval = sys.inspect, _runtime.check_interval(x.device)
     done = 0
     m = max(1, min(restart, N, maxiter))
     eps = torch.finfo(x.dtype).eps
@@ -341,12 +346,15 @@ def _gmres(sys: _FlatSystem, maxiter: int, restart: int):
             ok = hn > 10 * eps * wnorm
             hn = torch.where(ok, hn, torch.zeros_like(hn))
             basis.append(w * _col(_safe_div(torch.ones_like(hn), hn, ok)))
-            pad = torch.zeros(B, k - j - 1, dtype=x.dtype, device=x.device)
-            cols.append(torch.cat([h, _col(hn), pad], dim=1))
-        H = torch.stack(cols, dim=2)  # (B, k+1, k)
-        g = torch.zeros(B, k + 1, dtype=x.dtype, device=x.device)
-        g = torch.cat([_col(beta), g[:, 1:]], dim=1)
-        y = _hessenberg_lstsq(H, g)
+            cols.append(torch.cat([h, _col(hn)], dim=1))
+            if inspect and j + 1 < k and (j + 1) % interval == 0:
+                estimate = beta * _lstsq_residual_fraction(cols)
+                if not bool((active & (estimate > sys.threshold)).any()):
+                    k = j + 1
+                    break
+        H = torch.stack([torch.nn.functional.pad(c, (0, k + 1 - c.shape[1])) for c in cols], 2)
+        g = torch.cat([_col(beta), torch.zeros(B, k, dtype=x.dtype, device=x.device)], dim=1)
+        y = _hessenberg_lstsq(H, g)  # H (B, k+1, k)
         dx = sys.M(torch.einsum("bjn,bj->bn", torch.stack(basis[:k], dim=1), y))
         x = torch.where(_col(active), x + dx, x)
         r = sys.b - sys.A(x)
@@ -356,6 +364,15 @@ def _gmres(sys: _FlatSystem, maxiter: int, restart: int):
         done += k
     converged = res <= sys.threshold
     return x, iters, converged, None
+
+
+def _lstsq_residual_fraction(cols: list[Tensor]) -> Tensor:
+    """``min_y ‖e₁ − H y‖`` for the ``(j+2, j+1)`` Hessenberg matrices whose columns are
+    ``cols`` (column ``i`` has ``i+2`` entries): ``|Q[0, j+1]|`` of a complete QR of ``H``."""
+    n = len(cols)
+    H = torch.stack([torch.nn.functional.pad(c, (0, n + 1 - c.shape[1])) for c in cols], 2)
+    Q, _ = torch.linalg.qr(H, mode="complete")  # (B, n+1, n+1)
+    return Q[:, 0, n].abs()
 
 
 def _hessenberg_lstsq(H: Tensor, g: Tensor) -> Tensor:

@@ -406,3 +406,14 @@ def test_warm_start_in_the_engine_keeps_gradients_exact():
         (r,) = torch.autograd.grad(w_ref.sum(), lam_ref)
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
     assert len(warm.iterations) == 3 and warm.iterations[2] < warm.iterations[0]
+
+
+def test_gmres_stops_inside_a_restart_cycle():
+    # A well-conditioned system converges in far fewer Arnoldi steps than the restart length:
+    # the per-step least-squares residual lets the cycle stop there (no whole 20-step cycle).
+    n = 200
+    A = torch.eye(n, dtype=DT) + 0.1 * torch.randn(n, n, generator=gen(70), dtype=DT) / n**0.5
+    b = torch.randn(n, generator=gen(71), dtype=DT)
+    x, info = it.solve_gmres(lambda v: A @ v, b, tol=1e-10, return_info=True)
+    assert bool(info.converged) and int(info.iterations) < 20
+    assert rel_err(x, torch.linalg.solve(A, b)) < 1e-9
