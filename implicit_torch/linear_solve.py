@@ -370,7 +370,9 @@ def _lstsq_residual_fraction(cols: list[Tensor]) -> Tensor:
     """``min_y ‖e₁ − H y‖`` for the ``(j+2, j+1)`` Hessenberg matrices whose columns are
     ``cols`` (column ``i`` has ``i+2`` entries): ``|Q[0, j+1]|`` of a complete QR of ``H``."""
     n = len(cols)
-    H = torch.stack([torch.nn.functional.pad(c, (0, n + 1 - c.shape[1])) for c in cols], 2)
+    # Values only (it decides when to stop): detached, since a complete QR of a tall matrix has
+    # no derivative and the loop may run with autograd recording (higher-order derivatives).
+    H = torch.stack([torch.nn.functional.pad(c.detach(), (0, n + 1 - c.shape[1])) for c in cols], 2)
     Q, _ = torch.linalg.qr(H, mode="complete")  # (B, n+1, n+1)
     return Q[:, 0, n].abs()
 
