@@ -40,6 +40,7 @@ Usage::
 
     python benchmarks/svm_hpo.py            # d = 100 … 5000
     python benchmarks/svm_hpo.py --quick    # d = 100, 500, 1000; 3 repeats (1-2 minutes)
+    python benchmarks/svm_hpo.py --smoke    # d = 50, few iterations: the suite's smoke test
 
 Writes ``benchmarks/out/svm_hpo.png`` (time vs d, one panel per solver) and
 ``benchmarks/out/svm_hpo.json`` (``svm_hpo_quick.*`` with ``--quick``); ``benchmarks/out/`` is
@@ -63,6 +64,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import implicit_torch.objective as objective
 from implicit_torch.projection import projection_simplex, simplex_rows
@@ -143,9 +145,11 @@ def timed(fn, *args):
     return time.perf_counter() - t, result
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="d = 100, 500, 1000; 3 repeats")
+    parser.add_argument("--smoke", action="store_true", help="d = 50, 60 iterations, 1 repeat")
+    parser.add_argument("--out", default=str(OUT), help="folder for the figure and the JSON")
     parser.add_argument("--sizes", type=int, nargs="*", help="numbers of features")
     parser.add_argument("--solvers", nargs="*", default=list(SOLVERS), choices=SOLVERS)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
@@ -156,12 +160,22 @@ def main() -> None:
     parser.add_argument("--bcd-iters", type=int, default=100, help="sweeps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-plot", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
-    repeats = args.repeats or (3 if args.quick else 5)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args) -> dict:
+    sizes = args.sizes or ((50,) if args.smoke else QUICK_SIZES if args.quick else SIZES)
+    repeats = args.repeats or (1 if args.smoke else 3 if args.quick else 5)
     iters = {"md": args.md_iters, "pg": args.pg_iters, "bcd": args.bcd_iters}
+    if args.smoke:
+        iters = {"md": 60, "pg": 60, "bcd": 6}
     lam0, k = 2.0, args.classes
     rows = []
     print(
@@ -174,7 +188,7 @@ def main() -> None:
         f"{'grad rel diff':>14} {'solver error':>13}"
     )
     print(header)
-    for d in sizes:
+    for d in tqdm(sizes, desc="numbers of features", unit="size", leave=False):
         X, y, Xv, yv = make_data(d, args.n_train, k)
         for name in args.solvers:
             solvers = {u: make_solver(name, u, X, lam0, iters) for u in (False, True)}
@@ -209,14 +223,18 @@ def main() -> None:
                 flush=True,
             )
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     meta = dict(n_train=args.n_train, classes=k, l2reg=lam0, iters=iters, threads=args.threads)
-    stem = "svm_hpo_quick" if args.quick else "svm_hpo"
-    (OUT / f"{stem}.json").write_text(json.dumps(dict(config=meta, rows=rows), indent=1))
-    print(f"wrote {OUT / stem}.json")
+    stem = "svm_hpo_smoke" if args.smoke else "svm_hpo_quick" if args.quick else "svm_hpo"
+    (out / f"{stem}.json").write_text(json.dumps(dict(config=meta, rows=rows), indent=1))
+    print(f"wrote {out / stem}.json")
+    figure = None
     if not args.no_plot:
-        plot(rows, args.solvers, OUT / f"{stem}.png")
-        print(f"wrote {OUT / stem}.png")
+        figure = out / f"{stem}.png"
+        plot(rows, args.solvers, figure)
+        print(f"wrote {figure}")
+    return {"rows": rows, "figure": None if figure is None else str(figure)}
 
 
 def plot(rows, solvers, path: Path) -> None:
@@ -245,6 +263,7 @@ def plot(rows, solvers, path: Path) -> None:
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,18 @@ def test_optnet_polytope_smoke(tmp_path):
     assert (tmp_path / "optnet_polytope.png").stat().st_size > 10_000
     assert result["grad_check"] < 1e-5  # the QP layer's gradient vs finite differences
     assert result["loss_final"] < result["loss_initial"]
+
+
+def test_svm_hpo_smoke(tmp_path):
+    # benchmarks/svm_hpo.py is the paper's SVM experiment (issue 6, example 2); its correctness
+    # checks live in tests/test_solvers_composite.py, this runs it end to end.
+    path = EXAMPLE.parents[1] / "benchmarks" / "svm_hpo.py"
+    spec = importlib.util.spec_from_file_location("svm_hpo_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "svm_hpo_smoke.png").stat().st_size > 10_000
+    assert {r["solver"] for r in result["rows"]} == {"md", "pg", "bcd"}
+    for row in result["rows"]:
+        assert row["implicit_s"] > 0 and row["unrolled_s"] > 0
+        assert abs(row["grad_implicit"]) < float("inf") and abs(row["grad_unrolled"]) < float("inf")
