@@ -6,6 +6,8 @@ torch.autograd.functional.jacobian.
 """
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -111,3 +113,23 @@ def assert_implicit_matches_unrolled(make_case) -> None:
         grads.append(torch.autograd.grad(loss, (tt, yy)))
     for gi, gu in zip(*grads):
         torch.testing.assert_close(gi, gu, rtol=1e-7, atol=1e-9)
+
+
+# --- scripts (examples/, benchmarks/) ---------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository (``examples/x.py``, ``benchmarks/y.py``) as a module,
+    without running its ``__main__`` block: those folders are not packages."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (see :func:`load_script`)."""
+    return load_script(f"examples/{name}.py")

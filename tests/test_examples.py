@@ -3,22 +3,11 @@ writes its figure."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ridge_hypergradient.py"
-
-
-def _load_example():
-    # examples/ is not a package: load the script as a module without running its __main__.
-    spec = importlib.util.spec_from_file_location("ridge_hypergradient_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from problems import load_example, load_script
 
 
 def test_ridge_hypergradient_smoke(tmp_path, capsys):
-    example = _load_example()
+    example = load_example("ridge_hypergradient")
     result = example.main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
 
@@ -35,16 +24,8 @@ def test_ridge_hypergradient_smoke(tmp_path, capsys):
     assert result["val_final"] < result["val_initial"]
 
 
-def _load(name):
-    path = EXAMPLE.parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_deq_digits_smoke(tmp_path):
-    result = _load("deq_digits").main(["--smoke", "--out", str(tmp_path)])
+    result = load_example("deq_digits").main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "deq_digits.png").stat().st_size > 10_000
     # implicit gradient = backprop through 300 (converged) iterations, to float32 precision
     assert result["grad_check"] < 1e-4
@@ -53,7 +34,7 @@ def test_deq_digits_smoke(tmp_path):
 
 
 def test_imaml_sinusoid_smoke(tmp_path):
-    result = _load("imaml_sinusoid").main(["--smoke", "--out", str(tmp_path)])
+    result = load_example("imaml_sinusoid").main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "imaml_sinusoid.png").stat().st_size > 10_000
     # implicit meta-gradient = autograd through the closed-form inner solution
     assert result["grad_check"] < 1e-8
@@ -62,7 +43,7 @@ def test_imaml_sinusoid_smoke(tmp_path):
 
 
 def test_optnet_polytope_smoke(tmp_path):
-    result = _load("optnet_polytope").main(["--smoke", "--out", str(tmp_path)])
+    result = load_example("optnet_polytope").main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "optnet_polytope.png").stat().st_size > 10_000
     assert result["grad_check"] < 1e-5  # the QP layer's gradient vs finite differences
     assert result["loss_final"] < result["loss_initial"]
@@ -71,11 +52,7 @@ def test_optnet_polytope_smoke(tmp_path):
 def test_svm_hpo_smoke(tmp_path):
     # benchmarks/svm_hpo.py is the paper's SVM experiment (issue 6, example 2); its correctness
     # checks live in tests/test_solvers_composite.py, this runs it end to end.
-    path = EXAMPLE.parents[1] / "benchmarks" / "svm_hpo.py"
-    spec = importlib.util.spec_from_file_location("svm_hpo_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--smoke", "--out", str(tmp_path)])
+    result = load_script("benchmarks/svm_hpo.py").main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "svm_hpo_smoke.png").stat().st_size > 10_000
     assert {r["solver"] for r in result["rows"]} == {"md", "pg", "bcd"}
     for row in result["rows"]:

@@ -4,24 +4,12 @@ differences and writes its figure."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name):
-    # examples/ is not a package: load the script as a module without running its __main__.
-    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from problems import load_example
 
 
 def test_dataset_distillation_smoke(tmp_path, capsys):
-    result = _load("dataset_distillation").main(["--smoke", "--out", str(tmp_path)])
+    result = load_example("dataset_distillation").main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
 
     png = tmp_path / "dataset_distillation.png"
@@ -42,7 +30,7 @@ def test_dictionary_learning_smoke(tmp_path, capsys):
     sklearn = pytest.importorskip("sklearn")
     if tuple(int(p) for p in sklearn.__version__.split(".")[:2]) < (1, 8):
         pytest.skip("the example uses LogisticRegressionCV(l1_ratios=...) of scikit-learn 1.8+")
-    result = _load("dictionary_learning").main(["--smoke", "--out", str(tmp_path)])
+    result = load_example("dictionary_learning").main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
 
     png = tmp_path / "dictionary_learning.png"

@@ -3,22 +3,11 @@ soft-sphere packing sensitivity (molecular dynamics)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name):
-    # examples/ is not a package: load the script as a module without running its __main__.
-    spec = importlib.util.spec_from_file_location(f"{name}_example", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from problems import load_example
 
 
 def test_jacobian_precision_smoke(tmp_path, capsys):
-    result = _load("jacobian_precision").main(["--smoke", "--out", str(tmp_path)])
+    result = load_example("jacobian_precision").main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     png = tmp_path / "jacobian_precision.png"
     assert png.is_file() and png.stat().st_size > 10_000
@@ -36,7 +25,7 @@ def test_jacobian_precision_smoke(tmp_path, capsys):
 
 
 def test_molecular_dynamics_smoke(tmp_path, capsys):
-    result = _load("molecular_dynamics").main(["--smoke", "--out", str(tmp_path)])
+    result = load_example("molecular_dynamics").main(["--smoke", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     png = tmp_path / "molecular_dynamics.png"
     assert png.is_file() and png.stat().st_size > 10_000
