@@ -1062,7 +1062,9 @@ class WarmStart:
             return self.solve(matvec, b, batched=batched, **kwargs)
         init = self.last if self._fits(b) else None
         x, info = self.solve(matvec, b, init=init, batched=batched, return_info=True, **kwargs)
-        self.last = tree_map(lambda t: t.detach(), x)
+        # A solution with NaN or Inf (a failed solve, already reported) is no guess to start from.
+        finite = all(bool(torch.isfinite(t).all()) for t in tree_flatten(x)[0])
+        self.last = tree_map(lambda t: t.detach(), x) if finite else None
         self.iterations.append(int(info.iterations.max()))
         return x
 

@@ -417,3 +417,13 @@ def test_gmres_stops_inside_a_restart_cycle():
     x, info = it.solve_gmres(lambda v: A @ v, b, tol=1e-10, return_info=True)
     assert bool(info.converged) and int(info.iterations) < 20
     assert rel_err(x, torch.linalg.solve(A, b)) < 1e-9
+
+
+def test_warm_start_forgets_a_non_finite_solution():
+    warm = it.WarmStart("lu")  # LU passes a NaN right-hand side through (GMRES returns 0)
+    b = torch.tensor([float("nan"), 1.0, 1.0, 1.0], dtype=DT)
+    with pytest.warns(it.ConvergenceWarning):
+        x = warm(lambda v: 2 * v, b)
+    assert not bool(torch.isfinite(x).all()) and warm.last is None
+    x = warm(lambda v: 2 * v, torch.ones(4, dtype=DT))
+    torch.testing.assert_close(x, torch.full((4,), 0.5, dtype=DT))
