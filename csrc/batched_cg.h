@@ -14,11 +14,12 @@
 //   upper triangle of matrices of 1 MiB or more.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 namespace implicit_torch {
 
@@ -50,6 +51,35 @@ inline void check_batched_cg_inputs(const at::Tensor& A, const at::Tensor& b,
                     "batched_cg: rtol and atol must be finite and non-negative, got rtol=", rtol,
                     ", atol=", atol);
   TORCH_CHECK_VALUE(maxiter >= 0, "batched_cg: maxiter must be non-negative, got ", maxiter);
+}
+
+// What both kernels start from: the inputs in a contiguous layout (non-contiguous and expanded,
+// stride-0 inputs are copied once) and the zero-filled outputs (x, iterations, residual_norm).
+struct BatchedCGCall {
+  at::Tensor A, b;
+  std::optional<at::Tensor> x0;
+  at::Tensor x, iterations, residual_norm;
+  int64_t batch, n;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {x, iterations, residual_norm};
+  }
+  bool empty() const { return batch == 0 || n == 0; }
+};
+
+inline BatchedCGCall prepare_batched_cg(const at::Tensor& A, const at::Tensor& b,
+                                        const std::optional<at::Tensor>& x0) {
+  const int64_t B = A.size(0), n = A.size(1);
+  return BatchedCGCall{
+      A.contiguous(),
+      b.contiguous(),
+      x0.has_value() ? std::optional<at::Tensor>(x0->contiguous()) : std::nullopt,
+      at::zeros({B, n}, A.options()),
+      at::zeros({B}, A.options().dtype(at::kLong)),
+      at::zeros({B}, A.options()),
+      B,
+      n,
+  };
 }
 
 }  // namespace implicit_torch

@@ -7,8 +7,10 @@ torch.autograd.functional.jacobian.
 
 import functools
 import importlib.util
+import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 import implicit_torch as it
@@ -113,6 +115,27 @@ def assert_implicit_matches_unrolled(make_case) -> None:
         grads.append(torch.autograd.grad(loss, (tt, yy)))
     for gi, gu in zip(*grads):
         torch.testing.assert_close(gi, gu, rtol=1e-7, atol=1e-9)
+
+
+def assert_failure_is_reported(make_case, maxiter: int) -> None:
+    """``make_case(on_failure=...) -> (solver, args)`` stopped after ``maxiter`` iterations:
+    the failure warns by default, raises with ``on_failure="raise"``, is silent with
+    ``"ignore"``, and the state holds the iteration count and the error."""
+    X, y = regression_data(9)
+    t = torch.full((6,), 0.2, dtype=DT)
+    solver, args = make_case(on_failure="warn")
+    solver.maxiter = maxiter
+    init = torch.zeros(6, dtype=DT)
+    with pytest.warns(it.ConvergenceWarning, match="did not converge"):
+        out = solver.run(init, *args(X, y, t))
+    assert int(out.state.iter_num) == maxiter and out.state.error > solver.tol
+    solver.on_failure = "raise"
+    with pytest.raises(it.ConvergenceError, match=f"maxiter={maxiter}"):
+        solver.run(init, *args(X, y, t))
+    solver.on_failure = "ignore"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solver.run(init, *args(X, y, t))
 
 
 # --- scripts (examples/, benchmarks/) ---------------------------------------------------------

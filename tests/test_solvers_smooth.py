@@ -2,14 +2,11 @@
 against closed forms, scikit-learn, finite differences and dense implicit-function-theorem
 references; implicit vs unrolled; failure reporting; bad input; float32."""
 
-import warnings
-
 import pytest
 import torch
-from problems import DT, assert_implicit_matches_unrolled, gen
+from problems import DT, assert_failure_is_reported, assert_implicit_matches_unrolled, gen
 from problems import regression_data as data
 
-import implicit_torch as it
 from implicit_torch import projection
 from implicit_torch.solvers.bisection import Bisection
 from implicit_torch.solvers.broyden import Broyden
@@ -342,20 +339,7 @@ FAIL_CASES["bisection"] = lambda **kw: (
 
 @pytest.mark.parametrize("name", list(FAIL_CASES))
 def test_non_convergence_warns_raises_or_is_ignored(name):
-    X, y = data(9)
-    t = torch.full((6,), 0.2, dtype=DT)
-    solver, args = FAIL_CASES[name](on_failure="warn")
-    solver.maxiter = 1
-    with pytest.warns(it.ConvergenceWarning, match="did not converge"):
-        out = solver.run(torch.zeros(6, dtype=DT), *args(X, y, t))
-    assert int(out.state.iter_num) == 1 and out.state.error > solver.tol
-    solver.on_failure = "raise"
-    with pytest.raises(it.ConvergenceError, match="maxiter=1"):
-        solver.run(torch.zeros(6, dtype=DT), *args(X, y, t))
-    solver.on_failure = "ignore"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        solver.run(torch.zeros(6, dtype=DT), *args(X, y, t))
+    assert_failure_is_reported(FAIL_CASES[name], maxiter=1)
 
 
 def test_bad_input_gives_clear_errors():

@@ -98,35 +98,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_cg_cpu(const at::Tensor& 
                                                               int64_t maxiter, bool jacobi) {
   check_batched_cg_inputs(A, b, x0, rtol, atol, maxiter);
   TORCH_CHECK_VALUE(A.device().is_cpu(), "batched_cg: the CPU kernel got A on ", A.device());
-  const int64_t B = A.size(0), n = A.size(1);
-  // Non-contiguous and expanded (stride 0) inputs are copied to a contiguous layout once.
-  const at::Tensor Ac = A.contiguous();
-  const at::Tensor bc = b.contiguous();
-  const std::optional<at::Tensor> x0c =
-      x0.has_value() ? std::optional<at::Tensor>(x0->contiguous()) : std::nullopt;
-
-  at::Tensor x = at::zeros({B, n}, A.options());
-  at::Tensor iterations = at::zeros({B}, A.options().dtype(at::kLong));
-  at::Tensor residual_norm = at::zeros({B}, A.options());
-  if (B == 0 || n == 0) return {x, iterations, residual_norm};
+  BatchedCGCall call = prepare_batched_cg(A, b, x0);
+  if (call.empty()) return call.outputs();
+  const int64_t B = call.batch, n = call.n;
 
   const CGOptions opt{rtol, atol, maxiter, jacobi};
   // Enough systems per task that small problems are not split into tiny tasks.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (n * n));
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "batched_cg_cpu", [&] {
-    const scalar_t* A_data = Ac.const_data_ptr<scalar_t>();
-    const scalar_t* b_data = bc.const_data_ptr<scalar_t>();
-    const scalar_t* x0_data = x0c.has_value() ? x0c->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* x_data = x.mutable_data_ptr<scalar_t>();
-    int64_t* it_data = iterations.mutable_data_ptr<int64_t>();
-    scalar_t* res_data = residual_norm.mutable_data_ptr<scalar_t>();
+    const scalar_t* A_data = call.A.const_data_ptr<scalar_t>();
+    const scalar_t* b_data = call.b.const_data_ptr<scalar_t>();
+    const scalar_t* x0_data = call.x0.has_value() ? call.x0->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* x_data = call.x.mutable_data_ptr<scalar_t>();
+    int64_t* it_data = call.iterations.mutable_data_ptr<int64_t>();
+    scalar_t* res_data = call.residual_norm.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> work(5 * n);
       solve_range<scalar_t>(A_data, b_data, x0_data, x_data, it_data, res_data, work.data(), n,
                             opt, begin, end);
     });
   });
-  return {x, iterations, residual_norm};
+  return call.outputs();
 }
 
 }  // namespace

@@ -28,30 +28,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_cg_cuda(const at::Tensor&
   TORCH_CHECK_VALUE(B < INT_MAX && n < INT_MAX, "batched_cg: at most 2^31 - 1 systems of at most ",
                     "2^31 - 1 unknowns per call on CUDA, got B=", B, ", n=", n);
   const c10::cuda::CUDAGuard guard(A.device());
-  // Non-contiguous and expanded (stride 0) inputs are copied to a contiguous layout once.
-  const at::Tensor Ac = A.contiguous();
-  const at::Tensor bc = b.contiguous();
-  const std::optional<at::Tensor> x0c =
-      x0.has_value() ? std::optional<at::Tensor>(x0->contiguous()) : std::nullopt;
+  BatchedCGCall call = prepare_batched_cg(A, b, x0);
+  if (call.empty()) return call.outputs();
 
-  at::Tensor x = at::zeros({B, n}, A.options());
-  at::Tensor iterations = at::zeros({B}, A.options().dtype(at::kLong));
-  at::Tensor residual_norm = at::zeros({B}, A.options());
-  if (B == 0 || n == 0) return {x, iterations, residual_norm};
-
-  const bool aligned16 = reinterpret_cast<std::uintptr_t>(Ac.const_data_ptr()) % 16 == 0;
+  const bool aligned16 = reinterpret_cast<std::uintptr_t>(call.A.const_data_ptr()) % 16 == 0;
   AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "batched_cg_cuda", [&] {
     cuda::BatchedCGPlan plan;
     C10_CUDA_CHECK(cuda::plan_batched_cg<scalar_t>(B, n, aligned16, A.get_device(), &plan));
     at::Tensor workspace;
     if (plan.workspace_elems > 0) workspace = at::empty({plan.workspace_elems}, A.options());
     cuda::BatchedCGArgs<scalar_t> args{};
-    args.A = Ac.const_data_ptr<scalar_t>();
-    args.b = bc.const_data_ptr<scalar_t>();
-    args.x0 = x0c.has_value() ? x0c->const_data_ptr<scalar_t>() : nullptr;
-    args.x = x.mutable_data_ptr<scalar_t>();
-    args.iterations = iterations.mutable_data_ptr<int64_t>();
-    args.residual_norm = residual_norm.mutable_data_ptr<scalar_t>();
+    args.A = call.A.const_data_ptr<scalar_t>();
+    args.b = call.b.const_data_ptr<scalar_t>();
+    args.x0 = call.x0.has_value() ? call.x0->const_data_ptr<scalar_t>() : nullptr;
+    args.x = call.x.mutable_data_ptr<scalar_t>();
+    args.iterations = call.iterations.mutable_data_ptr<int64_t>();
+    args.residual_norm = call.residual_norm.mutable_data_ptr<scalar_t>();
     args.workspace = workspace.defined() ? workspace.mutable_data_ptr<scalar_t>() : nullptr;
     args.batch = B;
     args.n = n;
@@ -62,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_cg_cuda(const at::Tensor&
     C10_CUDA_CHECK(
         cuda::launch_batched_cg<scalar_t>(args, plan, at::cuda::getCurrentCUDAStream()));
   });
-  return {x, iterations, residual_norm};
+  return call.outputs();
 }
 
 }  // namespace
