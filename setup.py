@@ -1,6 +1,7 @@
 """Build script: the package (pyproject.toml) plus the optional compiled extension of csrc/.
 
-The extension ``implicit_torch._C`` holds the kernels of ``implicit_torch::batched_cg``:
+The extension ``implicit_torch._C`` holds the kernels of ``implicit_torch::batched_cg`` and the
+CPU kernel of ``implicit_torch::qp_ipm`` (the QP solver's interior-point iterations):
 
 * a CppExtension (CPU kernel only) by default;
 * a CUDAExtension (CPU and CUDA kernels) when torch is a CUDA build and a CUDA toolkit is
@@ -59,6 +60,7 @@ def _extension_setup():
     sources = [
         os.path.join(CSRC, "implicit_torch.cpp"),
         os.path.join(CSRC, "cpu", "batched_cg_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "qp_ipm_cpu.cpp"),
     ]
     # -O3, never -march: the wheel must run on any x86-64 / aarch64 machine. OpenMP so that
     # at::parallel_for runs in parallel (it links the libgomp that torch itself loads).

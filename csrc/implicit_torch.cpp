@@ -1,4 +1,4 @@
-// The implicit_torch operator library: schemas only. Kernels register per backend with
+// The implicit_torch operator library (batched_cg, qp_ipm): schemas only. Kernels register per backend with
 // TORCH_LIBRARY_IMPL (cpu/, cuda/); the fake kernel, autograd and vmap rules are registered from
 // Python (implicit_torch/ops/_registration.py).
 #include <Python.h>
@@ -21,4 +21,9 @@ TORCH_LIBRARY(implicit_torch, m) {
   // Must match SCHEMA in implicit_torch/ops/_registration.py (tests/test_ops.py checks it).
   m.def("batched_cg(Tensor A, Tensor b, Tensor? x0, float rtol, float atol, int maxiter, "
         "bool jacobi=False) -> (Tensor x, Tensor iterations, Tensor residual_norm)");
+  // The interior-point iterations of implicit_torch.solvers.QP (CPU kernel only; the solver
+  // runs its batched PyTorch loop elsewhere). Must match QP_IPM_SCHEMA in _registration.py.
+  m.def("qp_ipm(Tensor K, Tensor q, Tensor M1, Tensor W, Tensor T, Tensor nGt, int maxiter, "
+        "float tol, float acceptable_tol, int patience) -> (Tensor z, Tensor iterations, "
+        "Tensor error, Tensor converged)");
 }

@@ -156,3 +156,28 @@ def load_script(relative_path: str):
 def load_example(name: str):
     """``examples/<name>.py`` as a module (see :func:`load_script`)."""
     return load_script(f"examples/{name}.py")
+
+
+def random_qp(seed, B=3, n=6, m=8, p=1, dtype=DT, batched=True):
+    """Feasible, strictly convex problems (qpth's construction): Q = LLᵀ + εI, h = G z₀ + s₀
+    with s₀ > 0 so z₀ is strictly feasible, b = A z₀."""
+    g = gen(seed)
+    shape = (B,) if batched else ()
+    L = torch.randn(*shape, n, n, generator=g, dtype=dtype)
+    Q = L @ L.mT / n + 0.1 * torch.eye(n, dtype=dtype)
+    c = torch.randn(*shape, n, generator=g, dtype=dtype)
+    G = torch.randn(*shape, m, n, generator=g, dtype=dtype)
+    z0 = torch.randn(*shape, n, generator=g, dtype=dtype)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(*shape, m, generator=g, dtype=dtype)
+    A = torch.randn(*shape, p, n, generator=g, dtype=dtype)
+    b = (A @ z0.unsqueeze(-1)).squeeze(-1)
+    return Q, c, A, b, G, h
+
+
+def infeasible_qp():
+    """A QP whose constraints cannot hold: x₁ ≤ −1 and x₁ ≥ 1; arguments of ``QP.run``."""
+    Q = torch.eye(2, dtype=DT)
+    c = torch.zeros(2, dtype=DT)
+    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=DT)  # x₁ ≤ −1 and x₁ ≥ 1
+    h = torch.tensor([-1.0, -1.0], dtype=DT)
+    return (Q, c), None, (G, h)

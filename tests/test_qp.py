@@ -7,6 +7,8 @@ import functools
 
 import pytest
 import torch
+from problems import infeasible_qp as infeasible
+from problems import random_qp
 
 from implicit_torch import projection as P
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning
@@ -22,22 +24,6 @@ DT = torch.float64
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def random_qp(seed, B=3, n=6, m=8, p=1, dtype=DT, batched=True):
-    """Feasible, strictly convex problems (qpth's construction): Q = LLᵀ + εI, h = G z₀ + s₀
-    with s₀ > 0 so z₀ is strictly feasible, b = A z₀."""
-    g = gen(seed)
-    shape = (B,) if batched else ()
-    L = torch.randn(*shape, n, n, generator=g, dtype=dtype)
-    Q = L @ L.mT / n + 0.1 * torch.eye(n, dtype=dtype)
-    c = torch.randn(*shape, n, generator=g, dtype=dtype)
-    G = torch.randn(*shape, m, n, generator=g, dtype=dtype)
-    z0 = torch.randn(*shape, n, generator=g, dtype=dtype)
-    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(*shape, m, generator=g, dtype=dtype)
-    A = torch.randn(*shape, p, n, generator=g, dtype=dtype)
-    b = (A @ z0.unsqueeze(-1)).squeeze(-1)
-    return Q, c, A, b, G, h
 
 
 def leaves(*ts):
@@ -275,14 +261,6 @@ def test_float32(compute_dtype):
 
 
 # --- Failures and errors ---------------------------------------------------------------------
-
-
-def infeasible():
-    Q = torch.eye(2, dtype=DT)
-    c = torch.zeros(2, dtype=DT)
-    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=DT)  # x₁ ≤ −1 and x₁ ≥ 1
-    h = torch.tensor([-1.0, -1.0], dtype=DT)
-    return (Q, c), None, (G, h)
 
 
 def test_non_convergence_is_reported():

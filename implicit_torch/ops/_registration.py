@@ -189,3 +189,41 @@ def _vmap(info, in_dims, A, b, x0, rtol, atol, maxiter, jacobi=False):
 
 
 torch.library.register_vmap(QUALNAME, _vmap, lib=_LIB)
+
+
+# ------------------------------------------------------------------------------------------
+# implicit_torch::qp_ipm: the interior-point iterations of implicit_torch.solvers.QP, a CPU
+# kernel of the extension only. Without it (no extension, CUDA tensors, torch.func transforms,
+# torch.compile, unrolling) QP runs the same iterations as batched PyTorch operations, which are
+# the reference the kernel is tested against. Not differentiable: QP differentiates its
+# solution implicitly. The fake kernel lets torch.library.opcheck and tracing see its shapes.
+# ------------------------------------------------------------------------------------------
+
+QP_IPM_QUALNAME = "implicit_torch::qp_ipm"
+# Must match the m.def(...) string in csrc/implicit_torch.cpp.
+QP_IPM_SCHEMA = (
+    "qp_ipm(Tensor K, Tensor q, Tensor M1, Tensor W, Tensor T, Tensor nGt, int maxiter, "
+    "float tol, float acceptable_tol, int patience) -> (Tensor z, Tensor iterations, "
+    "Tensor error, Tensor converged)"
+)
+
+
+def qp_ipm_available() -> bool:
+    """Whether the compiled CPU kernel of ``implicit_torch::qp_ipm`` is loaded (a stale build
+    of the extension may predate it)."""
+    return extension_module is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        QP_IPM_QUALNAME, "CPU"
+    )
+
+
+if qp_ipm_available():
+
+    @torch.library.register_fake(QP_IPM_QUALNAME, lib=_LIB)
+    def _qp_ipm_fake(K, q, M1, W, T, nGt, maxiter, tol, acceptable_tol, patience):
+        B, N = K.shape[0], K.shape[1]
+        return (
+            K.new_empty((B, N)),
+            K.new_empty((B,), dtype=torch.int64),
+            K.new_empty((B,)),
+            K.new_empty((B,), dtype=torch.bool),
+        )

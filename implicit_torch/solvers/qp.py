@@ -382,6 +382,12 @@ class EqualityConstrainedQP:
 # QP with inequality constraints: batched primal-dual interior point
 # ----------------------------------------------------------------------------------------
 
+# Iterations without improvement after which a problem stops at its best iterate.
+_PATIENCE = 3
+# Run the interior-point iterations in the extension's CPU kernel where it applies (see
+# QP._use_compiled_kernel); tests set it to False to compare with the PyTorch loop.
+_USE_COMPILED_KERNEL = True
+
 
 class _IPM:
     """Mehrotra's predictor-corrector primal-dual interior-point method, batched.
@@ -528,7 +534,12 @@ class QP(IterativeSolver):
     predictor-corrector method (:class:`_IPM`): per iteration one batched Cholesky
     factorisation of a ``(p+m)``-square matrix and a few batched products, no host
     synchronisation except the convergence check every ``check_every`` iterations. ``Qₛ`` must
-    be positive definite and ``A`` of full row rank.
+    be positive definite and ``A`` of full row rank. On the CPU, when the compiled extension
+    is loaded and nothing differentiates through the iterations (the default implicit
+    differentiation), the same iterations run in its kernel ``implicit_torch::qp_ipm``, one
+    problem at a time with its matrices in cache, each problem stopping on its own (about 4×
+    faster than the batched operations for 64 problems of 20 variables; same iterates to
+    rounding).
 
     ``run(init_params=None, params_obj=(Q, c), params_eq=None or (A, b), params_ineq=(G, h))``
     (JAXopt's API) returns ``OptStep(KKTSolution(x, ν, λ), QPState)``. The solution is
@@ -627,6 +638,8 @@ class QP(IterativeSolver):
             args = tuple(None if t is None else t.to(dtype) for t in args)
         tol = self._tol(dtype)
         ipm = _IPM(data, *args)
+        if self._use_compiled_kernel(ipm):
+            return self._iterate_compiled(data, ipm, tol, dtype)
         u = ipm.start()
         R, error = ipm.residual(u)
         # The best iterate so far is returned: once μ nears the precision limit, the reduced
@@ -635,7 +648,7 @@ class QP(IterativeSolver):
         best, best_error = u, error
         stall = torch.zeros(data.B, dtype=torch.int64, device=data.device)
         iters = torch.zeros_like(stall)
-        patience = 3
+        patience = _PATIENCE
         inspect = _runtime.can_inspect_values()
         interval = self.check_every or _runtime.check_interval(data.device)
         # Stop at error ≤ tol · (1 + ‖[c; b; h]‖∞): residuals are computed to about machine
@@ -671,6 +684,41 @@ class QP(IterativeSolver):
             )
         z = best[:, 0, : data.N].to(data.dtype)
         return z, QPState(iters, best_error.to(data.dtype), converged), ipm
+
+    def _use_compiled_kernel(self, ipm: _IPM) -> bool:
+        """Whether the iterations can run in the extension's CPU kernel (the same algorithm,
+        problem by problem): CPU data that nothing differentiates through (the implicit path
+        runs the forward without recording), outside ``torch.func`` transforms and
+        ``torch.compile``, without ``verbose`` (whose per-iteration print is this loop's)."""
+        from implicit_torch.ops import _registration
+
+        tensors = (ipm.K, ipm.q, ipm.M1, ipm.W, ipm.T, ipm.neg_Gt)
+        return (
+            _USE_COMPILED_KERNEL
+            and not self.verbose
+            and ipm.q.device.type == "cpu"
+            and _registration.qp_ipm_available()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not _runtime.under_functorch()
+            and _runtime.can_inspect_values()
+        )
+
+    def _iterate_compiled(self, data: _Data, ipm: _IPM, tol: float, dtype: torch.dtype):
+        """:meth:`_iterate` by the kernel ``implicit_torch::qp_ipm`` (csrc/cpu/qp_ipm_cpu.cpp)."""
+        z, iters, error, converged = torch.ops.implicit_torch.qp_ipm(
+            ipm.K,
+            ipm.q.squeeze(1),
+            ipm.M1,
+            ipm.W,
+            ipm.T,
+            ipm.neg_Gt,
+            self.maxiter,
+            tol,
+            self._acceptable_tol(dtype),
+            _PATIENCE,
+        )
+        _report(type(self).__name__, error, converged, tol, iters, self.maxiter, self.on_failure)
+        return z.to(data.dtype), QPState(iters, error.to(data.dtype), converged), ipm
 
 
 class KKTLinearSolve:
