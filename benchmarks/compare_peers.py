@@ -21,7 +21,8 @@ Problems (all float64, on the CPU):
   ``n = 100, 1000`` features and ``m = 2n`` samples (so the problem is well conditioned and the
   support is identified), sparse ground truth, ``λ = 0.1 ‖Xᵀy‖∞``. The solver classes
   ``it.ProximalGradient`` and ``jaxopt.ProximalGradient`` (same ``K`` steps, ``tol = 0``, each
-  with its own default fixed-point step, linear solver normal CG) are timed as well, and
+  with its own default fixed-point step, linear solver normal CG) are timed as well (ours also
+  with ``value_and_grad=True`` and the analytic gradient), and
   implicit_torch with GMRES (its default for fixed points). Reference: the closed form on the
   support, ``dw_S/dλ = −(X_SᵀX_S)⁻¹ sign(w_S)``, with the KKT conditions checked.
 * ``qp``: the batched QP layer of ``benchmarks/qp_layer.py`` (its functions are imported):
@@ -41,6 +42,11 @@ Methods (hypergradient problems):
   algorithm written in JAX (``lax.fori_loop``), ``solve=partial(jaxopt.linear_solve.solve_cg,
   tol=1e-10)``, jax x64 enabled, everything ``jax.jit``-compiled and timed after a warm-up call
   (compile time reported separately);
+* ``torchopt (default: normal CG)``, ``JAXopt (default: normal CG)``: the same, with each
+  library's default linear solver for ``custom_root`` (normal CG, at the same tolerance), for
+  ``n ≤ --defaults-max-n`` (1000): what their users get without passing ``solve=``.
+  implicit_torch's default for ``custom_root`` is CG (its row above) and, for
+  ``custom_fixed_point``, GMRES (the lasso's ``implicit_torch (gmres)`` row);
 * ``unrolled``: the torch solver recorded by autograd and backpropagated through.
 
 Timing: ``time.perf_counter`` medians (JAX results ``block_until_ready``), one warm-up, methods
@@ -91,6 +97,12 @@ import implicit_torch as it
 
 DTYPE = torch.float64
 TOL = 1e-10  # relative tolerance of every backward linear solve
+# Rows of torchopt and JAXopt with their own default linear solver for custom_root (normal CG;
+# implicit_torch's default is CG, its plain row). Measured for n <= --defaults-max-n.
+DEFAULT_NAMES = {
+    "torchopt": "torchopt (default: normal CG)",
+    "JAXopt": "JAXopt (default: normal CG)",
+}
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -257,7 +269,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------
 
 
-def hyper_methods(p, K: int, peers: Peers, unrolled: bool) -> list[Method]:
+def hyper_methods(p, K: int, peers: Peers, unrolled: bool, defaults: bool) -> list[Method]:
+    """implicit_torch (its default, CG), torchopt and JAXopt given CG, unrolled; with
+    ``defaults``, torchopt and JAXopt also with their own default linear solver, normal CG."""
     lam0 = p.lam
     w0 = torch.zeros(p.n, dtype=DTYPE)
     methods = []
@@ -269,26 +283,34 @@ def hyper_methods(p, K: int, peers: Peers, unrolled: bool) -> list[Method]:
 
     if peers.torchopt is not None:
         to = peers.torchopt
-        to_solve = to.linear_solve.solve_cg(rtol=TOL, atol=0.0)
 
         def grad_fn(w, lam):  # torchopt binds arguments by the optimality function's signature
             return p.grad(w, lam)
 
-        @to.diff.implicit.custom_root(grad_fn, argnums=1, solve=to_solve)
-        def to_solver(init, lam):
-            return nesterov(p, lam, init, K)
-
-        methods.append(torch_method("torchopt", lambda lam: to_solver(w0, lam), lam0, p.outer))
+        solves = {"torchopt": to.linear_solve.solve_cg(rtol=TOL, atol=0.0)}
+        if defaults:
+            solves[DEFAULT_NAMES["torchopt"]] = to.linear_solve.solve_normal_cg(rtol=TOL, atol=0.0)
+        for name, to_solve in solves.items():
+            to_solver = to.diff.implicit.custom_root(grad_fn, argnums=1, solve=to_solve)(
+                lambda init, lam: nesterov(p, lam, init, K)
+            )
+            methods.append(torch_method(name, lambda lam, f=to_solver: f(w0, lam), lam0, p.outer))
 
     if peers.jax is not None:
-        methods += guarded(["JAXopt"], lambda: [jax_hyper_method(peers.jax, p, K)])
+        kinds = {"JAXopt": "cg"}
+        if defaults:
+            kinds[DEFAULT_NAMES["JAXopt"]] = "normal_cg"
+        for name, kind in kinds.items():
+            methods += guarded(
+                [name], lambda n=name, k=kind: [jax_hyper_method(peers.jax, p, K, n, k)]
+            )
 
     if unrolled:
         methods.append(torch_method("unrolled", lambda lam: nesterov(p, lam, w0, K), lam0, p.outer))
     return methods
 
 
-def jax_hyper_method(jx, p, K: int) -> Method:
+def jax_hyper_method(jx, p, K: int, name: str = "JAXopt", kind: str = "cg") -> Method:
     jax, jnp, lax, jaxopt = jx.jax, jx.jnp, jx.lax, jx.jaxopt
     X, y, Xv, yv = (jnp.asarray(t.numpy()) for t in (p.X, p.y, p.Xv, p.yv))
     step, beta = p.step, p.beta
@@ -306,7 +328,10 @@ def jax_hyper_method(jx, p, K: int) -> Method:
             return 0.5 * jnp.mean((z - yv) ** 2)
         return jnp.mean(jax.nn.softplus(-yv * z))
 
-    solve = functools.partial(jaxopt.linear_solve.solve_cg, tol=TOL, atol=0.0)
+    if kind == "cg":
+        solve = functools.partial(jaxopt.linear_solve.solve_cg, tol=TOL, atol=0.0)
+    else:  # JAXopt's default for custom_root
+        solve = functools.partial(jaxopt.linear_solve.solve_normal_cg, tol=TOL, atol=0.0)
 
     @jaxopt.implicit_diff.custom_root(grad, solve=solve)
     def solver(init, lam):
@@ -326,7 +351,7 @@ def jax_hyper_method(jx, p, K: int) -> Method:
         return jaxopt.implicit_diff.root_vjp(grad, w, (lam,), cot, solve=solve)[0]
 
     total = jax.jit(jax.grad(lambda lam: outer(solver(w0, lam))))
-    return jax_method(jx, "JAXopt", fwd, bwd, total, p.lam)
+    return jax_method(jx, name, fwd, bwd, total, p.lam)
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,6 +375,10 @@ class Lasso:
 
     def fun(self, w, *args):  # smooth part, for it.ProximalGradient
         return 0.5 * ((self.X @ w - self.y) ** 2).sum()
+
+    def value_and_grad(self, w, *args):  # (fun, ∇fun), for value_and_grad=True
+        r = self.X @ w - self.y
+        return 0.5 * (r * r).sum(), self.X.T @ r
 
     def T(self, w, lam):  # the proximal-gradient map; its fixed point is the solution
         return soft(w - self.eta * self.grad_f(w), self.eta * lam)
@@ -440,6 +469,16 @@ def lasso_methods(lp: Lasso, K: int, peers: Peers, unrolled: bool) -> list[Metho
     methods.append(
         torch_method(
             "implicit_torch ProximalGradient", lambda lam: pg.run(w0, lam).params, lp.lam, lp.outer
+        )
+    )
+    # The same solver given the analytic gradient (value_and_grad=True, as JAXopt allows).
+    pg_vg = dataclasses.replace(pg, fun=lp.value_and_grad, value_and_grad=True)
+    methods.append(
+        torch_method(
+            "implicit_torch ProximalGradient (value_and_grad)",
+            lambda lam: pg_vg.run(w0, lam).params,
+            lp.lam,
+            lp.outer,
         )
     )
 
@@ -723,7 +762,30 @@ def render(rows: list[dict], header: str, notes: list[str], K: int, elapsed: flo
             )
         else:
             lines.append(f"- {prob}: JAXopt not measured")
+    lines += ["", "With each library's default linear solver (n = 1000):", ""]
+    for prob in ("ridge", "logistic", "lasso"):
+        mine = "implicit_torch (gmres)" if prob == "lasso" else "implicit_torch"
+        imp = by.get((prob, 1000, mine))
+        if imp is None:
+            continue
+        for peer, target in (("torchopt", 2.0), ("JAXopt", 1.0)):
+            name = peer if prob == "lasso" else DEFAULT_NAMES[peer]
+            r = by.get((prob, 1000, name))
+            if r is None:
+                lines.append(f"- {prob}: {name} not measured")
+                continue
+            st, sb = r["tot_ms"] / imp["tot_ms"], r["bwd_ms"] / imp["bwd_ms"]
+            lines.append(
+                f"- {prob}: {mine} vs {name}, target ≥ {target:g}× — total {st:.2f}× "
+                f"({'met' if st >= target else 'NOT met'}), hypergradient alone {sb:.2f}× "
+                f"({'met' if sb >= target else 'NOT met'})"
+            )
     lines += [
+        "",
+        "Defaults: implicit_torch's custom_root solves with CG (custom_fixed_point: GMRES); "
+        "torchopt's and JAXopt's custom_root default to normal CG (CG on JᵀJ: two products "
+        "with J per iteration and the condition number squared), which is what their users get "
+        "unless they pass solve=. Every solver here runs at the same relative tolerance.",
         "",
         "implicit_torch, torchopt and unrolled run the same eager torch forward loop, so their "
         "forward times are equal up to noise and a total ratio is bounded by the forward's "
@@ -746,6 +808,10 @@ def main() -> None:
     ap.add_argument("--problems", nargs="*", default=["ridge", "logistic", "lasso", "qp"])
     ap.add_argument("--no-pin", action="store_true", help="do not pin to --threads CPUs")
     ap.add_argument("--no-unrolled", action="store_true", help="skip unrolled PyTorch")
+    ap.add_argument(
+        "--defaults-max-n", type=int, default=1000,
+        help="largest n with the peers' default (normal CG) rows; normal CG is slow at 4000",
+    )  # fmt: skip
     ap.add_argument("--out", default=str(OUT_DIR / "compare_peers"), help="output path stem")
     args = ap.parse_args()
 
@@ -771,12 +837,13 @@ def main() -> None:
             p = make_problem(name, n)
             _, g_ref = reference(p)
             print(f"\n{name} n={n} m={p.m}: κ bound {p.kappa:.0f}")
-            res = bench(hyper_methods(p, K, peers, not args.no_unrolled), reps)
+            defaults = n <= args.defaults_max_n
+            res = bench(hyper_methods(p, K, peers, not args.no_unrolled, defaults), reps)
             rows += hyper_rows(name, n, p.m, res, g_ref)
             for r in rows[-len(res) :]:
                 if "failed" not in r:
                     print(
-                        f"  {r['method']:>16}: {r['fwd_ms']:.1f} + {r['bwd_ms']:.1f} ms, total "
+                        f"  {r['method']:>30}: {r['fwd_ms']:.1f} + {r['bwd_ms']:.1f} ms, total "
                         f"{r['tot_ms']:.1f} ms, err {r['err']:.1e}"
                     )
     if "lasso" in args.problems:

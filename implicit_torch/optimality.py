@@ -23,6 +23,7 @@ import torch
 from implicit_torch._tree import tree_add_scalar_mul, tree_sub
 
 __all__ = [
+    "gradient_of",
     "make_fixed_point_fun",
     "make_projected_gradient_fun",
     "make_proximal_gradient_fun",
@@ -30,17 +31,29 @@ __all__ = [
 ]
 
 
-def make_stationarity_fun(fun: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+def gradient_of(fun: Callable[..., Any], value_and_grad: bool = False) -> Callable[..., Any]:
+    """``x, *args ↦ ∇ₓ fun(x, *args)``: by ``torch.func.grad`` of a scalar ``fun``, or, with
+    ``value_and_grad=True`` (JAXopt's convention), the second output of a ``fun`` that returns
+    ``(value, gradient)`` itself, which must then be differentiable in ``x`` and ``args``."""
+    if value_and_grad:
+        return lambda x, *args: fun(x, *args)[1]
+    return torch.func.grad(fun)
+
+
+def make_stationarity_fun(
+    fun: Callable[..., torch.Tensor], value_and_grad: bool = False
+) -> Callable[..., Any]:
     """Stationarity of a smooth objective: ``F(x, *args) = ∇ₓ fun(x, *args)``.
 
     Args:
         fun: ``fun(x, *args)`` returning a scalar (0-d) tensor; ``x`` a tensor or pytree.
+        value_and_grad: ``fun`` returns ``(value, ∇ₓ fun)`` (see :func:`gradient_of`).
 
     Returns:
         ``F(x, *args)``, a pytree like ``x``. Its Jacobian in ``x`` is the Hessian of ``fun``,
         symmetric, so the engine may use ``solve="cg"`` (definite at a strict minimum).
     """
-    grad = torch.func.grad(fun)
+    grad = gradient_of(fun, value_and_grad)
 
     def stationarity_fun(x, *args):
         return grad(x, *args)
@@ -66,7 +79,10 @@ def make_fixed_point_fun(fixed_point_fun: Callable[..., Any]) -> Callable[..., A
 
 
 def make_proximal_gradient_fun(
-    fun: Callable[..., torch.Tensor], prox: Callable[..., Any], stepsize: float = 1.0
+    fun: Callable[..., torch.Tensor],
+    prox: Callable[..., Any],
+    stepsize: float = 1.0,
+    value_and_grad: bool = False,
 ) -> Callable[..., Any]:
     """Fixed point of proximal gradient for ``min_x fun(x, *args) + g(x, hyperparams_prox)``.
 
@@ -82,13 +98,14 @@ def make_proximal_gradient_fun(
         prox: ``prox(v, hyperparams_prox, scaling)`` = ``argmin_z ½‖z − v‖² + scaling·g(z)``
             (see :mod:`implicit_torch.prox`).
         stepsize: ``η > 0``.
+        value_and_grad: ``fun`` returns ``(value, ∇ₓ fun)`` (see :func:`gradient_of`).
 
     Returns:
         ``F(x, hyperparams_prox, *args)``, a pytree like ``x``.
     """
     if not stepsize > 0:
         raise ValueError(f"make_proximal_gradient_fun needs stepsize > 0, got {stepsize}")
-    grad = torch.func.grad(fun)
+    grad = gradient_of(fun, value_and_grad)
 
     def proximal_gradient_residual(x, hyperparams_prox, *args):
         v = tree_add_scalar_mul(x, -stepsize, grad(x, *args))
@@ -98,7 +115,10 @@ def make_proximal_gradient_fun(
 
 
 def make_projected_gradient_fun(
-    fun: Callable[..., torch.Tensor], projection: Callable[..., Any], stepsize: float = 1.0
+    fun: Callable[..., torch.Tensor],
+    projection: Callable[..., Any],
+    stepsize: float = 1.0,
+    value_and_grad: bool = False,
 ) -> Callable[..., Any]:
     """Fixed point of projected gradient for ``min_{x ∈ C(hyperparams_proj)} fun(x, *args)``.
 
@@ -111,13 +131,14 @@ def make_projected_gradient_fun(
         projection: ``projection(v, hyperparams_proj)`` onto a closed convex set ``C`` (see
             :mod:`implicit_torch.projection`).
         stepsize: ``η > 0``.
+        value_and_grad: ``fun`` returns ``(value, ∇ₓ fun)`` (see :func:`gradient_of`).
 
     Returns:
         ``F(x, hyperparams_proj, *args)``, a pytree like ``x``.
     """
     if not stepsize > 0:
         raise ValueError(f"make_projected_gradient_fun needs stepsize > 0, got {stepsize}")
-    grad = torch.func.grad(fun)
+    grad = gradient_of(fun, value_and_grad)
 
     def projected_gradient_residual(x, hyperparams_proj, *args):
         v = tree_add_scalar_mul(x, -stepsize, grad(x, *args))

@@ -204,3 +204,26 @@ def value_and_grad(fun: Callable[..., torch.Tensor], x: Any, *args: Any) -> tupl
     if not differentiable:
         value = value.detach()
     return value, tree_unflatten(grads, spec)
+
+
+def objective_value_and_grad(
+    fun: Callable[..., Any], x: Any, args: tuple, given: bool
+) -> tuple[Any, Any]:
+    """``(fun(x, *args), ∇ₓ fun(x, *args))``: returned by ``fun`` itself when ``given`` (a
+    solver's ``value_and_grad=True``, JAXopt's convention), else by :func:`value_and_grad`."""
+    if not given:
+        return value_and_grad(fun, x, *args)
+    out = fun(x, *args)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(
+            "with value_and_grad=True, fun(x, *args) must return a pair (value, gradient), got "
+            f"{type(out).__name__}"
+        )
+    return out[0], out[1]
+
+
+def objective_value(fun: Callable[..., Any], x: Any, args: tuple, given: bool) -> Any:
+    """``fun(x, *args)``, the first output of a ``fun`` that returns ``(value, gradient)``
+    when ``given``."""
+    out = fun(x, *args)
+    return out[0] if given else out

@@ -29,7 +29,7 @@ class GradientDescent(_ProximalGradientBase):
 
     Attributes:
         fun: ``fun(x, *args)``, a scalar tensor; ``x`` a tensor or pytree.
-        stepsize, acceleration, maxls, decrease_factor, max_stepsize: see
+        stepsize, acceleration, maxls, decrease_factor, max_stepsize, value_and_grad: see
             :class:`ProximalGradient`.
         maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`.
     """
@@ -50,4 +50,4 @@ class GradientDescent(_ProximalGradientBase):
 
     def optimality_fun(self, params: Any, *args: Any) -> Any:
         """``∇ₓ fun(params, *args)``."""
-        return make_stationarity_fun(self.fun)(params, *args)
+        return make_stationarity_fun(self.fun, self.value_and_grad)(params, *args)

@@ -11,7 +11,7 @@ import torch
 from implicit_torch import _runtime
 from implicit_torch._tree import Raveler
 from implicit_torch.optimality import make_stationarity_fun
-from implicit_torch.solvers.base import IterativeSolver, OptStep, value_and_grad
+from implicit_torch.solvers.base import IterativeSolver, OptStep, objective_value_and_grad
 
 __all__ = ["LBFGS", "LbfgsState"]
 
@@ -88,6 +88,10 @@ class LBFGS(IterativeSolver):
         maxls: maximum number of trials (function and gradient evaluations) per line search.
         c1: sufficient-decrease (Armijo) constant.
         c2: curvature constant of the strong Wolfe conditions (``c1 < c2 < 1``).
+        value_and_grad: ``fun`` returns ``(value, gradient)`` itself (JAXopt's option), e.g.
+            an analytic gradient, saving the autograd pass of every evaluation; the gradient
+            must be written in torch operations, since implicit differentiation (and
+            ``unroll``) differentiates it.
         maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`.
     """
 
@@ -100,6 +104,7 @@ class LBFGS(IterativeSolver):
     maxls: int = 20
     c1: float = 1e-4
     c2: float = 0.9
+    value_and_grad: bool = False
 
     default_diff_solve: ClassVar[str] = "cg"
 
@@ -122,7 +127,7 @@ class LBFGS(IterativeSolver):
         """Evaluates ``fun`` and its gradient at ``init``; an empty history."""
         self._check()
         raveler = Raveler(init, batched=False, what="init")
-        value, grad = value_and_grad(self._scalar_fun, init, *args)
+        value, grad = self._value_and_grad(init, args)
         g = raveler.ravel(grad).reshape(-1)
         m, n = self.history_size, g.numel()
         kw = dict(dtype=g.dtype, device=g.device)
@@ -151,9 +156,7 @@ class LBFGS(IterativeSolver):
 
         def evaluate(t):
             x_t = x + t * d
-            value, grad = value_and_grad(
-                self._scalar_fun, raveler.unravel(x_t.reshape(1, -1)), *args
-            )
+            value, grad = self._value_and_grad(raveler.unravel(x_t.reshape(1, -1)), args)
             return x_t, value.to(x.dtype), raveler.ravel(grad).reshape(-1)
 
         if self.stepsize > 0:
@@ -282,9 +285,16 @@ class LBFGS(IterativeSolver):
         _check_scalar(value)
         return value.reshape(())
 
+    def _value_and_grad(self, x: Any, args: tuple) -> tuple[Tensor, Any]:
+        if not self.value_and_grad:
+            return objective_value_and_grad(self._scalar_fun, x, args, False)
+        value, grad = objective_value_and_grad(self.fun, x, args, True)
+        _check_scalar(value)
+        return value.reshape(()), grad
+
     def optimality_fun(self, params: Any, *args: Any) -> Any:
         """``∇ₓ fun(params, *args)``."""
-        return make_stationarity_fun(self.fun)(params, *args)
+        return make_stationarity_fun(self.fun, self.value_and_grad)(params, *args)
 
 
 def _two_loop(g: Tensor, S: Tensor, Y: Tensor, rho: Tensor) -> Tensor:

@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 import torch
 
 from implicit_torch._tree import tree_l2_norm, tree_leaves, tree_sub
-from implicit_torch.solvers.base import IterativeSolver, OptStep, value_and_grad
+from implicit_torch.optimality import gradient_of
+from implicit_torch.solvers.base import IterativeSolver, OptStep, objective_value_and_grad
 
 __all__ = [
     "MirrorDescent",
@@ -92,7 +93,10 @@ def projection_grad_kl_simplex(
 
 
 def make_mirror_descent_fun(
-    fun: Callable[..., Tensor], projection_grad: Callable[..., Any], stepsize: Any = 1.0
+    fun: Callable[..., Tensor],
+    projection_grad: Callable[..., Any],
+    stepsize: Any = 1.0,
+    value_and_grad: bool = False,
 ) -> Callable[..., Any]:
     """Fixed point of mirror descent for ``min_{x ∈ C} fun(x, *args)``:
 
@@ -107,12 +111,14 @@ def make_mirror_descent_fun(
         fun: ``fun(x, *args)``, a scalar tensor.
         projection_grad: ``projection_grad(x, x_fun_grad, stepsize, hyperparams_proj)``.
         stepsize: ``η > 0`` (number or 0-d tensor).
+        value_and_grad: ``fun`` returns ``(value, ∇ₓ fun)`` (see
+            :func:`implicit_torch.optimality.gradient_of`).
 
     Returns:
         ``F(x, hyperparams_proj, *args)``, shaped like ``x``. Its Jacobian is not symmetric
         (use ``solve="gmres"``).
     """
-    grad = torch.func.grad(fun)
+    grad = gradient_of(fun, value_and_grad)
 
     def mirror_descent_residual(x, hyperparams_proj, *args):
         return tree_sub(projection_grad(x, grad(x, *args), stepsize, hyperparams_proj), x)
@@ -158,6 +164,10 @@ class MirrorDescent(IterativeSolver):
         stepsize: ``η > 0``, a number or a schedule ``stepsize(iter_num) -> η`` (``iter_num`` a
             0-d int64 tensor). For the entropic step, ``η ≤ 1 / L`` with ``L`` the Lipschitz
             constant of ``∇fun`` from ``ℓ1`` (per row) to ``ℓ∞`` converges.
+        value_and_grad: ``fun`` returns ``(value, gradient)`` itself (JAXopt's option), e.g.
+            an analytic gradient, saving the autograd pass of every iteration; the gradient
+            must be written in torch operations, since implicit differentiation (and
+            ``unroll``) differentiates it.
         maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`; the error
             is ``‖x⁺ − x‖ / η``.
     """
@@ -165,6 +175,7 @@ class MirrorDescent(IterativeSolver):
     fun: Callable[..., Tensor]
     projection_grad: Callable[..., Any] = projection_grad_kl_simplex
     stepsize: float | Callable[[Tensor], Any] = 1.0
+    value_and_grad: bool = False
 
     @staticmethod
     def make_projection_grad(
@@ -201,14 +212,16 @@ class MirrorDescent(IterativeSolver):
     ) -> OptStep:
         """One mirror step."""
         eta = self._stepsize(state.iter_num, tree_leaves(params)[0])
-        _, g = value_and_grad(self.fun, params, *args)
+        _, g = objective_value_and_grad(self.fun, params, args, self.value_and_grad)
         x_new = self.projection_grad(params, g, eta, hyperparams_proj)
         error = tree_l2_norm(tree_sub(x_new, params)) / eta
         return OptStep(x_new, MirrorDescentState(state.iter_num + 1, eta, error))
 
     def optimality_fun(self, params: Any, hyperparams_proj: Any, *args: Any) -> Any:
         """``projection_grad(x, ∇fun(x), η, hyperparams_proj) − x``."""
-        F = make_mirror_descent_fun(self.fun, self.projection_grad, self._diff_stepsize())
+        F = make_mirror_descent_fun(
+            self.fun, self.projection_grad, self._diff_stepsize(), self.value_and_grad
+        )
         return F(params, hyperparams_proj, *args)
 
     def run(self, init: Any, hyperparams_proj: Any = None, *args: Any) -> OptStep:

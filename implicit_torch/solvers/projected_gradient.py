@@ -30,7 +30,7 @@ class ProjectedGradient(_ProximalGradientBase):
         fun: ``fun(x, *args)``, a scalar tensor.
         projection: ``projection(v, hyperparams_proj)`` onto a closed convex set (see
             :mod:`implicit_torch.projection`).
-        stepsize, acceleration, maxls, decrease_factor, max_stepsize: see
+        stepsize, acceleration, maxls, decrease_factor, max_stepsize, value_and_grad: see
             :class:`ProximalGradient`.
         maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`.
     """
@@ -50,7 +50,9 @@ class ProjectedGradient(_ProximalGradientBase):
 
     def optimality_fun(self, params: Any, hyperparams_proj: Any, *args: Any) -> Any:
         """``proj_C(x − η∇fun(x, *args), hyperparams_proj) − x``."""
-        F = make_projected_gradient_fun(self.fun, self.projection, self._diff_stepsize())
+        F = make_projected_gradient_fun(
+            self.fun, self.projection, self._diff_stepsize(), value_and_grad=self.value_and_grad
+        )
         return F(params, hyperparams_proj, *args)
 
     def run(self, init: Any, hyperparams_proj: Any = None, *args: Any) -> OptStep:

@@ -26,7 +26,12 @@ from implicit_torch._tree import (
 )
 from implicit_torch.optimality import make_proximal_gradient_fun
 from implicit_torch.prox import prox_none
-from implicit_torch.solvers.base import IterativeSolver, OptStep, value_and_grad
+from implicit_torch.solvers.base import (
+    IterativeSolver,
+    OptStep,
+    objective_value,
+    objective_value_and_grad,
+)
 
 __all__ = ["ProxGradState", "ProximalGradient"]
 
@@ -71,6 +76,10 @@ class _ProximalGradientBase(IterativeSolver):
         maxls: maximum number of backtracking steps per iteration.
         decrease_factor: step shrink factor of the line search.
         max_stepsize: first step tried by the line search.
+        value_and_grad: ``fun`` returns ``(value, gradient)`` itself (JAXopt's option), e.g.
+            an analytic gradient, which saves the autograd pass of every iteration; the
+            gradient must be written in torch operations (it is differentiated for implicit
+            differentiation, and through the iterations with ``unroll``).
     """
 
     stepsize: float = 0.0
@@ -78,6 +87,7 @@ class _ProximalGradientBase(IterativeSolver):
     maxls: int = 15
     decrease_factor: float = 0.5
     max_stepsize: float = 1.0
+    value_and_grad: bool = False
 
     # Subclasses define the field ``fun(x, *args)``, the smooth objective.
 
@@ -98,7 +108,7 @@ class _ProximalGradientBase(IterativeSolver):
 
     def _step(self, x: Any, state: ProxGradState, hyperparams: Any, args: tuple) -> OptStep:
         y = state.velocity if self.acceleration else x
-        f_y, g_y = value_and_grad(self.fun, y, *args)
+        f_y, g_y = objective_value_and_grad(self.fun, y, args, self.value_and_grad)
         if self.stepsize > 0:
             eta: Any = self.stepsize
             x_new = self._prox(tree_add_scalar_mul(y, -eta, g_y), hyperparams, eta)
@@ -132,7 +142,7 @@ class _ProximalGradientBase(IterativeSolver):
             trial = self._prox(tree_add_scalar_mul(y, -step, g_y), hyperparams, step)
             diff = tree_sub(trial, y)
             bound = f_y + tree_vdot(g_y, diff) + tree_l2_norm(diff, squared=True) / (2 * step)
-            ok = self.fun(trial, *args) <= bound + slack
+            ok = objective_value(self.fun, trial, args, self.value_and_grad) <= bound + slack
             if j == 0:
                 x_new, step_used = trial, step
             else:
@@ -173,6 +183,10 @@ class ProximalGradient(_ProximalGradientBase):
             ``∇fun``); ``≤ 0`` backtracking line search from ``max_stepsize``, shrinking by
             ``decrease_factor`` at most ``maxls`` times per iteration, the step never increasing.
         acceleration: FISTA momentum (default True).
+        value_and_grad: ``fun`` returns ``(value, gradient)`` itself (JAXopt's option), e.g.
+            an analytic gradient, saving the autograd pass of every iteration; the gradient
+            must be written in torch operations, since implicit differentiation (and
+            ``unroll``) differentiates it.
         maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`; the error
             is ``‖x⁺ − y‖ / η``.
     """
@@ -192,7 +206,9 @@ class ProximalGradient(_ProximalGradientBase):
 
     def optimality_fun(self, params: Any, hyperparams_prox: Any, *args: Any) -> Any:
         """``prox(x − η∇fun(x, *args), hyperparams_prox, η) − x``."""
-        F = make_proximal_gradient_fun(self.fun, self.prox, self._diff_stepsize())
+        F = make_proximal_gradient_fun(
+            self.fun, self.prox, self._diff_stepsize(), value_and_grad=self.value_and_grad
+        )
         return F(params, hyperparams_prox, *args)
 
     def run(self, init: Any, hyperparams_prox: Any = None, *args: Any) -> OptStep:
