@@ -65,8 +65,9 @@ else
   STATUS[cuda_tests]=FAILED
 fi
 
-step "CPU tests of the op (same build)"
-if timeout 120 "$PYTHON" -m pytest tests/test_ops.py tests/test_ops_fuzz.py -q -p no:cacheprovider \
+step "CPU tests of the ops, batched_cg and qp_ipm (same build)"
+if timeout 120 "$PYTHON" -m pytest tests/test_ops.py tests/test_ops_fuzz.py tests/test_qp_kernel.py -q \
+  -p no:cacheprovider \
   -m "not cuda" -rfE; then
   STATUS[cpu_tests]=passed
 else

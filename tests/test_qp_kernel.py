@@ -142,3 +142,16 @@ def test_bad_input_raises_clear_errors(index, value, match):
     args[index] = value
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         torch.ops.implicit_torch.qp_ipm(*args)
+
+
+def test_singular_q_is_reported_by_both_paths(monkeypatch):
+    # A linear program (Q = 0) is outside the interior point's assumptions (Qₛ definite): both
+    # paths must say so rather than return a silent answer.
+    n, m = 4, 6
+    Q = torch.zeros(2, n, n, dtype=DT)
+    c = torch.randn(2, n, generator=torch.Generator().manual_seed(0), dtype=DT)
+    G = torch.cat([torch.eye(n, dtype=DT), -torch.eye(n, dtype=DT)])[:m].expand(2, m, n)
+    h = torch.ones(2, m, dtype=DT)
+    with pytest.warns(Warning, match="did not converge on 2 of 2"):
+        kernel, loop = run_both(monkeypatch, (Q, c), None, (G, h))
+    assert not bool(kernel.state.converged.any()) and not bool(loop.state.converged.any())
