@@ -155,3 +155,24 @@ def test_singular_q_is_reported_by_both_paths(monkeypatch):
     with pytest.warns(Warning, match="did not converge on 2 of 2"):
         kernel, loop = run_both(monkeypatch, (Q, c), None, (G, h))
     assert not bool(kernel.state.converged.any()) and not bool(loop.state.converged.any())
+
+
+def test_large_problems_use_the_batched_loop(monkeypatch):
+    monkeypatch.setattr(qp_module, "_KERNEL_MAX_CONSTRAINTS", 5)
+    assert not QP()._use_compiled_kernel(ipm_for(7, m=6))
+    assert QP()._use_compiled_kernel(ipm_for(7, m=5))
+
+
+def test_threads_do_not_change_the_result(monkeypatch):
+    Q, c, _, _, G, h = random_qp(8, B=32, n=6, m=7, p=0)
+    monkeypatch.setattr(qp_module, "_USE_COMPILED_KERNEL", True)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(QP().run(None, (Q, c), None, (G, h)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0].params.primal, outs[1].params.primal)
+    assert torch.equal(outs[0].state.iter_num, outs[1].state.iter_num)
