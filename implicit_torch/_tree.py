@@ -25,6 +25,8 @@ tree_leaves = pytree.tree_leaves
 
 def tree_map2(fn: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
     """``fn`` applied leafwise to two pytrees of the same structure."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return fn(a, b)  # the usual case, without the cost of flattening (solver loops)
     leaves_a, spec_a = tree_flatten(a)
     leaves_b, spec_b = tree_flatten(b)
     if spec_a != spec_b:
@@ -152,23 +154,47 @@ def tree_add(a: Any, b: Any) -> Any:
 
 def tree_scalar_mul(s: Any, a: Any) -> Any:
     """Leafwise ``s · a`` for a scalar (number or 0-d tensor) ``s``."""
+    if isinstance(a, torch.Tensor):
+        return s * a
     return tree_map(lambda x: s * x, a)
+
+
+def _axpy(x: torch.Tensor, s: Any, y: torch.Tensor) -> torch.Tensor:
+    # One fused operation instead of two: add with alpha for a Python number (a fixed step
+    # size), addcmul for a tensor (a step or momentum coefficient held in the state).
+    if isinstance(s, torch.Tensor):
+        return torch.addcmul(x, s, y)
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return torch.add(x, y, alpha=s)
+    return x + s * y
 
 
 def tree_add_scalar_mul(a: Any, s: Any, b: Any) -> Any:
     """Leafwise ``a + s · b`` for a scalar (number or 0-d tensor) ``s``."""
-    return tree_map2(lambda x, y: x + s * y, a, b)
+    return tree_map2(lambda x, y: _axpy(x, s, y), a, b)
 
 
 def tree_vdot(a: Any, b: Any) -> torch.Tensor:
     """``Σ_leaves ⟨a, b⟩``: the inner product of two pytrees as one 0-d tensor."""
-    return sum(torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(*_leaves2(a, b)))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.vdot(a.reshape(-1), b.reshape(-1))
+    products = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(*_leaves2(a, b))]
+    return _sum(products)
 
 
 def tree_l2_norm(a: Any, squared: bool = False) -> torch.Tensor:
     """``‖a‖₂`` over all leaves (``‖a‖₂²`` when ``squared``), a 0-d tensor."""
-    sq = sum((x * x).sum() for x in tree_leaves(a))
+    leaves = [a] if isinstance(a, torch.Tensor) else tree_leaves(a)
+    sq = _sum([(x * x).sum() for x in leaves])
     return sq if squared else torch.sqrt(sq)
+
+
+def _sum(terms: list[torch.Tensor]) -> torch.Tensor:
+    # Python's sum() starts from the integer 0: one more (scalar-wrapping) operation.
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
 
 
 def tree_zeros_like(a: Any) -> Any:
@@ -183,6 +209,8 @@ def tree_where(cond: torch.Tensor, a: Any, b: Any) -> Any:
 
 def tree_detach(a: Any) -> Any:
     """``a`` with every tensor leaf detached (other leaves unchanged)."""
+    if isinstance(a, torch.Tensor):
+        return a.detach()
     return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, a)
 
 

@@ -118,7 +118,7 @@ class _ProximalGradientBase(IterativeSolver):
             eta = step
         error = tree_l2_norm(tree_sub(x_new, y)) / eta
         if self.acceleration:
-            t_new = (1 + torch.sqrt(1 + 4 * state.t * state.t)) / 2
+            t_new = 0.5 + torch.sqrt(0.25 + state.t * state.t)  # = (1 + √(1 + 4t²)) / 2
             velocity = tree_add_scalar_mul(x_new, (state.t - 1) / t_new, tree_sub(x_new, x))
         else:
             t_new, velocity = state.t, x_new
