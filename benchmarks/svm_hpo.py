@@ -49,7 +49,8 @@ git-ignored.
 Columns: ``implicit ms`` and ``unrolled ms`` are whole hypergradients (solve + backward) and
 ``ratio`` their quotient; ``solve ms`` is the solve alone (no recording, no backward), which both
 modes must pay, and ``diff. ratio`` compares what each mode adds to it, the cost of
-differentiating: ``(unrolled − solve) / (implicit − solve)``.
+differentiating: the backward (timed directly) plus the forward's excess over the solve
+(``max(forward − solve, 0)``: recording, for unrolling), unrolled over implicit.
 
 What to expect. For ``md`` and ``pg`` one unrolled iteration costs its forward (two products
 with ``X``, recorded) plus a backward of about the same cost, while the implicit forward costs
@@ -135,16 +136,21 @@ def make_solver(name: str, unroll: bool, X: torch.Tensor, lam: float, iters: dic
 
 
 def hypergradient(solver, name, lam0, X, y, Xv, yv, k):
-    """One hypergradient ``d L_val / dλ``: the solve and the backward. Returns (grad, error)."""
+    """One hypergradient ``d L_val / dλ``: the solve and the backward.
+
+    Returns (grad, solver error, forward seconds, backward seconds)."""
     Y = F.one_hot(y, k).to(DT)
     lam = torch.tensor(lam0, dtype=DT, requires_grad=True)
     init = torch.full((X.shape[0], k), 1.0 / k, dtype=DT)
     hp = 1.0 if name == "bcd" else None
+    t0 = time.perf_counter()
     out = solver.run(init, hp, lam, (X, Y))
+    t1 = time.perf_counter()
     W = X.T @ (Y - out.params) / lam
     loss = F.cross_entropy(Xv @ W, yv)
     (grad,) = torch.autograd.grad(loss, lam)
-    return grad.item(), out.state.error.item()
+    t2 = time.perf_counter()
+    return grad.item(), out.state.error.item(), t1 - t0, t2 - t1
 
 
 def forward_only(solver, name, lam0, X, y, k):
@@ -209,6 +215,8 @@ def _run(args) -> dict:
         for name in args.solvers:
             solvers = {u: make_solver(name, u, X, lam0, iters) for u in (False, True)}
             times: dict[bool, list[float]] = {False: [], True: []}
+            fwd: dict[bool, list[float]] = {False: [], True: []}
+            bwd: dict[bool, list[float]] = {False: [], True: []}
             solve_times: list[float] = []
             results = {}
             for u in (False, True):  # warm-up
@@ -217,12 +225,20 @@ def _run(args) -> dict:
                 for u in (False, True):
                     t, results[u] = timed(hypergradient, solvers[u], name, lam0, X, y, Xv, yv, k)
                     times[u].append(t)
+                    fwd[u].append(results[u][2])
+                    bwd[u].append(results[u][3])
                 solve_times.append(timed(forward_only, solvers[False], name, lam0, X, y, k)[0])
             t_imp, t_unr = statistics.median(times[False]), statistics.median(times[True])
             t_solve = statistics.median(solve_times)
-            # Differentiation cost: a mode's time beyond the plain solve both share (clamped
-            # at a tenth of a millisecond: noise can make the implicit difference tiny).
-            diff_ratio = max(t_unr - t_solve, 1e-4) / max(t_imp - t_solve, 1e-4)
+
+            # Differentiation cost: what a mode adds to the plain solve both share, i.e. the
+            # backward (timed directly) plus the forward's excess over the solve (recording,
+            # for unrolling; nothing but noise for implicit, hence the clamp at 0).
+            diff_s = {
+                u: max(statistics.median(fwd[u]) - t_solve, 0.0) + statistics.median(bwd[u])
+                for u in (False, True)
+            }
+            diff_ratio = diff_s[True] / diff_s[False]
             g_imp, g_unr = results[False][0], results[True][0]
             rel = abs(g_imp - g_unr) / max(abs(g_unr), 1e-300)
             row = dict(
@@ -232,6 +248,8 @@ def _run(args) -> dict:
                 unrolled_s=t_unr,
                 ratio=t_unr / t_imp,
                 solve_s=t_solve,
+                diff_implicit_s=diff_s[False],
+                diff_unrolled_s=diff_s[True],
                 diff_ratio=diff_ratio,
                 grad_implicit=g_imp,
                 grad_unrolled=g_unr,
