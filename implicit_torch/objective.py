@@ -112,6 +112,20 @@ class CompositeLinearFunction:
             value = value + (self.linear_term(*args) * W).sum()
         return value
 
+    def value_and_grad(self, W: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+        """``(f(W, *args), ∇_W f(W, *args))`` with ``∇_W f = Aᵀ ∇subfun(A W + c) + b``: the
+        form solvers take with ``value_and_grad=True``, one product with ``A`` each way and no
+        autograd pass (the closed-form ``subfun_grad`` when given). Differentiable in ``W`` and
+        ``args``."""
+        z = self.predictions(W, *args)
+        value = self.subfun(z, *args)
+        grad = self.linear_op(*args).mT @ self.subfun_grad(z, *args)
+        if self.linear_term is not None:
+            b = self.linear_term(*args)
+            value = value + (b * W).sum()
+            grad = grad + b
+        return value, grad
+
 
 def _data(args: tuple) -> tuple[Tensor, Tensor]:
     return args[-1]

@@ -128,3 +128,60 @@ def test_fun_returning_a_scalar_is_refused():
     ):
         with pytest.raises(TypeError, match="must return a pair"):
             solver.run(init, lam, X, y)
+
+
+def composite_cases():
+    X = torch.randn(12, 5, generator=gen(7), dtype=DT)
+    labels = torch.randint(0, 3, (12,), generator=gen(8))
+    Y = torch.nn.functional.one_hot(labels, 3).to(DT)
+    beta = torch.softmax(torch.randn(12, 3, generator=gen(9), dtype=DT), -1)
+    return {
+        "least_squares": (torch.randn(5, generator=gen(10), dtype=DT), ((X, X[:, 0]),)),
+        "binary_logistic_regression": (
+            torch.randn(5, generator=gen(11), dtype=DT),
+            ((X, (labels > 0).to(DT)),),
+        ),
+        "multiclass_logistic_regression": (
+            torch.randn(5, 3, generator=gen(12), dtype=DT),
+            ((X, labels),),
+        ),
+        "multiclass_linear_svm_dual": (beta, (0.7, (X, Y))),
+    }
+
+
+@pytest.mark.parametrize("name", list(composite_cases()))
+def test_composite_objectives_value_and_grad_match_autograd(name):
+    from implicit_torch import objective
+
+    fun = getattr(objective, name)
+    W, args = composite_cases()[name]
+    value, grad = fun.value_and_grad(W, *args)
+    Wg = W.clone().requires_grad_()
+    ref = fun(Wg, *args)
+    (ref_grad,) = torch.autograd.grad(ref, Wg)
+    torch.testing.assert_close(value, ref.detach())
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_mirror_descent_svm_dual_with_value_and_grad():
+    from implicit_torch import objective
+    from implicit_torch.solvers.mirror_descent import projection_grad_kl_simplex
+
+    _, (lam0, (X, Y)) = composite_cases()["multiclass_linear_svm_dual"]
+    init = torch.full_like(Y, 1.0 / 3)
+    grads = []
+    for given in (True, False):
+        f = objective.multiclass_linear_svm_dual
+        solver = MirrorDescent(
+            fun=f.value_and_grad if given else f,
+            value_and_grad=given,
+            projection_grad=projection_grad_kl_simplex,
+            stepsize=0.2,
+            maxiter=5000,
+            tol=1e-10,
+        )
+        lam = torch.tensor(lam0, dtype=DT, requires_grad=True)
+        beta = solver.run(init, None, lam, (X, Y)).params
+        grads.append((beta.detach(), torch.autograd.grad((beta * Y).sum(), lam)[0]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-8, rtol=1e-6)
