@@ -203,6 +203,22 @@ def jax_method(jx, name: str, fwd: Callable, bwd: Callable, total: Callable, lam
     return Method(name, run, f"{note}; {extra}" if note else extra)
 
 
+def jax_implicit_method(jx, name, run, optimality, outer, w0, solve, lam_t) -> Method:
+    """A JAXopt method from ``run(init, lam) -> w`` (implicitly differentiated) and the
+    optimality function ``F(w, lam) = 0`` of its solution: jitted forward, backward at the
+    solution by ``root_vjp``, and fused forward + backward."""
+    jax = jx.jax
+    fwd = jax.jit(lambda lam: run(w0, lam))
+
+    @jax.jit
+    def bwd(w, lam):
+        cot = jax.grad(outer)(w)
+        return jx.jaxopt.implicit_diff.root_vjp(optimality, w, (lam,), cot, solve=solve)[0]
+
+    total = jax.jit(jax.grad(lambda lam: outer(run(w0, lam))))
+    return jax_method(jx, name, fwd, bwd, total, lam_t)
+
+
 def guarded(names: list[str], build: Callable[[], list[Method]]) -> list[Method]:
     """Build peer methods (JAX compiles here); a failure becomes a method that reports it."""
     try:
@@ -342,16 +358,7 @@ def jax_hyper_method(jx, p, K: int, name: str = "JAXopt", kind: str = "cg") -> M
 
         return lax.fori_loop(0, K, body, (init, init))[0]
 
-    w0 = jnp.zeros(p.n)
-    fwd = jax.jit(lambda lam: solver(w0, lam))
-
-    @jax.jit
-    def bwd(w, lam):
-        cot = jax.grad(outer)(w)
-        return jaxopt.implicit_diff.root_vjp(grad, w, (lam,), cot, solve=solve)[0]
-
-    total = jax.jit(jax.grad(lambda lam: outer(solver(w0, lam))))
-    return jax_method(jx, name, fwd, bwd, total, p.lam)
+    return jax_implicit_method(jx, name, solver, grad, outer, jnp.zeros(p.n), solve, p.lam)
 
 
 # ------------------------------------------------------------------------------------------
@@ -508,7 +515,7 @@ def lasso_methods(lp: Lasso, K: int, peers: Peers, unrolled: bool) -> list[Metho
 
 
 def jax_lasso_methods(jx, lp: Lasso, K: int) -> list[Method]:
-    jax, jnp, lax, jaxopt = jx.jax, jx.jnp, jx.lax, jx.jaxopt
+    jnp, lax, jaxopt = jx.jnp, jx.lax, jx.jaxopt
     X, y, Xv, yv = (jnp.asarray(t.numpy()) for t in (lp.X, lp.y, lp.Xv, lp.yv))
     eta = lp.eta
 
@@ -540,16 +547,7 @@ def jax_lasso_methods(jx, lp: Lasso, K: int) -> list[Method]:
         return T(w, lam) - w
 
     w0 = jnp.zeros(lp.n)
-    methods = []
-    fwd = jax.jit(lambda lam: solver(w0, lam))
-
-    @jax.jit
-    def bwd(w, lam):
-        cot = jax.grad(outer)(w)
-        return jaxopt.implicit_diff.root_vjp(F, w, (lam,), cot, solve=solve)[0]
-
-    total = jax.jit(jax.grad(lambda lam: outer(solver(w0, lam))))
-    methods.append(jax_method(jx, "JAXopt", fwd, bwd, total, lp.lam))
+    methods = [jax_implicit_method(jx, "JAXopt", solver, F, outer, w0, solve, lp.lam)]
 
     def fun(w):
         return 0.5 * jnp.sum((X @ w - y) ** 2)
@@ -558,15 +556,12 @@ def jax_lasso_methods(jx, lp: Lasso, K: int) -> list[Method]:
         fun=fun, prox=jaxopt.prox.prox_lasso, stepsize=eta, maxiter=K, tol=0.0,
         acceleration=True, implicit_diff_solve=solve, jit=True,
     )  # fmt: skip
-    fwd_pg = jax.jit(lambda lam: pg.run(w0, lam).params)
-
-    @jax.jit
-    def bwd_pg(w, lam):
-        cot = jax.grad(outer)(w)
-        return jaxopt.implicit_diff.root_vjp(pg.optimality_fun, w, (lam,), cot, solve=solve)[0]
-
-    total_pg = jax.jit(jax.grad(lambda lam: outer(pg.run(w0, lam).params)))
-    methods.append(jax_method(jx, "JAXopt ProximalGradient", fwd_pg, bwd_pg, total_pg, lp.lam))
+    methods.append(
+        jax_implicit_method(
+            jx, "JAXopt ProximalGradient", lambda init, lam: pg.run(init, lam).params,
+            pg.optimality_fun, outer, w0, solve, lp.lam,
+        )
+    )  # fmt: skip
     return methods
 
 

@@ -143,14 +143,20 @@ def make_solver(
     )
 
 
+def solver_inputs(name, X, y, k):
+    """One-hot labels ``Y``, the uniform start on the simplices, and the block-prox
+    hyperparameter (the simplex's value, for BCD)."""
+    Y = F.one_hot(y, k).to(DT)
+    init = torch.full((X.shape[0], k), 1.0 / k, dtype=DT)
+    return Y, init, 1.0 if name == "bcd" else None
+
+
 def hypergradient(solver, name, lam0, X, y, Xv, yv, k):
     """One hypergradient ``d L_val / dλ``: the solve and the backward.
 
     Returns (grad, solver error, forward seconds, backward seconds)."""
-    Y = F.one_hot(y, k).to(DT)
+    Y, init, hp = solver_inputs(name, X, y, k)
     lam = torch.tensor(lam0, dtype=DT, requires_grad=True)
-    init = torch.full((X.shape[0], k), 1.0 / k, dtype=DT)
-    hp = 1.0 if name == "bcd" else None
     t0 = time.perf_counter()
     out = solver.run(init, hp, lam, (X, Y))
     t1 = time.perf_counter()
@@ -163,10 +169,9 @@ def hypergradient(solver, name, lam0, X, y, Xv, yv, k):
 
 def forward_only(solver, name, lam0, X, y, k):
     """The solve alone, nothing recorded: the work both modes share."""
-    Y = F.one_hot(y, k).to(DT)
-    init = torch.full((X.shape[0], k), 1.0 / k, dtype=DT)
+    Y, init, hp = solver_inputs(name, X, y, k)
     with torch.no_grad():
-        solver.run(init, 1.0 if name == "bcd" else None, torch.tensor(lam0, dtype=DT), (X, Y))
+        solver.run(init, hp, torch.tensor(lam0, dtype=DT), (X, Y))
 
 
 def timed(fn, *args):

@@ -76,10 +76,7 @@ class _ProximalGradientBase(IterativeSolver):
         maxls: maximum number of backtracking steps per iteration.
         decrease_factor: step shrink factor of the line search.
         max_stepsize: first step tried by the line search.
-        value_and_grad: ``fun`` returns ``(value, gradient)`` itself (JAXopt's option), e.g.
-            an analytic gradient, which saves the autograd pass of every iteration; the
-            gradient must be written in torch operations (it is differentiated for implicit
-            differentiation, and through the iterations with ``unroll``).
+        value_and_grad: ``fun`` returns ``(value, gradient)`` (see :class:`ProximalGradient`).
     """
 
     stepsize: float = 0.0
