@@ -5,7 +5,7 @@ satisfies; the solution becomes differentiable in ``params`` through the implici
 theorem (Blondel et al., "Efficient and Modular Implicit Differentiation", NeurIPS 2022).
 """
 
-from implicit_torch import loss, meta, nn, objective, ops, optimality, projection, prox
+from implicit_torch import linear, loss, meta, nn, objective, ops, optimality, projection, prox
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning, IndefiniteSystemError
 from implicit_torch._implicit_diff import (
     custom_fixed_point,
@@ -14,7 +14,9 @@ from implicit_torch._implicit_diff import (
     root_jvp,
     root_vjp,
 )
-from implicit_torch.linear_solve import (
+from implicit_torch.adjoint import ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
+from implicit_torch.linear import (
+    LinearOperator,
     SolveInfo,
     WarmStart,
     solve_auto,
@@ -59,17 +61,22 @@ __all__ = [
     "FixedPointIteration",
     "GaussNewton",
     "GradientDescent",
+    "ImplicitAdjoint",
     "IndefiniteSystemError",
     "LevenbergMarquardt",
+    "LinearOperator",
     "MirrorDescent",
     "OptStep",
+    "PhantomAdjoint",
     "ProjectedGradient",
     "ProximalGradient",
     "SolveInfo",
+    "UnrolledAdjoint",
     "WarmStart",
     "custom_fixed_point",
     "custom_root",
     "implicit_solve",
+    "linear",
     "loss",
     "meta",
     "nn",

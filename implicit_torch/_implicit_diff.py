@@ -27,20 +27,35 @@ from typing import Any
 
 import torch
 
-from implicit_torch import _runtime, linear_solve
+from implicit_torch import _runtime
+from implicit_torch.linear import LinearOperator, get_solver
 from implicit_torch._tree import (
     Raveler,
     describe,
     tree_flatten,
     tree_leaves,
+    tree_map,
     tree_sub,
     tree_unflatten,
 )
 
-__all__ = ["custom_fixed_point", "custom_root", "implicit_solve", "root_jvp", "root_vjp"]
+__all__ = [
+    "SYMMETRIC_JACOBIAN",
+    "custom_fixed_point",
+    "custom_root",
+    "implicit_solve",
+    "root_jvp",
+    "root_vjp",
+]
 
 Tensor = torch.Tensor
 Solve = str | Callable[..., Any]
+
+# An optimality function with this attribute set to True declares that its Jacobian in the
+# solution is symmetric (a stationarity condition F = ∇ₓf, whose Jacobian is a Hessian);
+# the engine's operators carry it, and "auto" then chooses CG without probing. The builders of
+# implicit_torch.optimality set it.
+SYMMETRIC_JACOBIAN = "jacobian_is_symmetric"
 
 
 class _Problem:
@@ -51,22 +66,12 @@ class _Problem:
     differentiated.
     """
 
-    def __init__(
-        self,
-        optimality_fn,
-        sol: Any,
-        params: tuple,
-        solve: Solve,
-        batched: bool,
-        linear: tuple | None = None,
-    ):
+    def __init__(self, optimality_fn, sol: Any, params: tuple, solve: Solve, batched: bool):
         self.optimality_fn = optimality_fn
-        # For F(x, rhs, *ops) = op(x, *ops) − rhs (a linear solve): the factories
-        # (make_A, make_At), each ops -> (x -> A x) / (u -> Aᵀ u). Knowing Aᵀ explicitly avoids
-        # differentiating a vjp to transpose it.
-        self.linear = linear
-        self.solve = linear_solve.get_solver(solve)
+        self.solve = get_solver(solve)
         self.batched = batched
+        # A stationarity condition F = ∇ₓf says its Jacobian (a Hessian) is symmetric.
+        self.symmetric = getattr(optimality_fn, SYMMETRIC_JACOBIAN, None)
         self.raveler = Raveler(sol, batched, what="the solution")
         self.sol_spec = self.raveler.spec
         leaves, self.params_spec = tree_flatten(tuple(params))
@@ -75,6 +80,11 @@ class _Problem:
         tensors = [leaves[i] for i in self.tensor_pos]
         self.diff = [k for k, t in enumerate(tensors) if t.is_floating_point()]
         _check_devices(sol, tensors)
+
+    def tensors_of(self, params: tuple) -> list[Tensor]:
+        """The tensor leaves of ``params`` (the inputs autograd sees)."""
+        leaves = tree_flatten(tuple(params))[0]
+        return [leaves[i] for i in self.tensor_pos]
 
     # -- rebuilding user-facing structures ------------------------------------------------
 
@@ -105,85 +115,83 @@ class _Problem:
 
     # -- the two derivative rules ---------------------------------------------------------
 
-    def matvec_factories(self):
-        """``(make_A, make_At)``: operands ``(*sol_leaves, *tensors)`` -> the maps ``w ↦ A w``
-        and ``u ↦ Aᵀ u`` with ``A = ∂F/∂x`` there."""
-        if self.linear is not None:
-            make_A, make_At = self.linear
-            n = self.n_sol()
+    def linearize(self, sol_leaves, tensors, *, transposed: bool) -> LinearOperator:
+        """``A = ∂ₓF`` at ``(sol, params)`` as an operator, or ``Aᵀ`` when ``transposed``.
 
-            # A linear problem's Jacobian does not depend on x or on its rhs (the first n
-            # tensors); only on the operator's own operands.
-            def linear_A(*operands):
-                return make_A(*operands[2 * n :])
-
-            def linear_At(*operands):
-                return make_At(*operands[2 * n :])
-
-            return linear_A, linear_At
-        n = self.n_sol()
-
-        def make_A(*operands):
-            s, ts = self.sol_tree(operands[:n]), operands[n:]
-            return lambda w: _runtime.jvp(lambda x: self.residual(x, ts), (s,), (w,))[1]
-
-        def make_At(*operands):
-            s, ts = self.sol_tree(operands[:n]), operands[n:]
-            _, vjp_x = torch.func.vjp(lambda x: self.residual(x, ts), s)
-            return lambda u: vjp_x(u)[0]
-
-        return make_A, make_At
-
-    def plain_transpose_factory(self):
-        """A value-only ``u ↦ Aᵀ u`` for the linear solver, from one retained autograd graph.
-
-        ``torch.func.vjp`` records a differentiable graph at every application; outside any
-        torch.func transform, where the linear solver only needs values, plain
-        ``torch.autograd.grad`` on a retained graph is several times cheaper per matvec.
-        Returns None where it does not apply: inside transforms, for linear sub-problems, and
-        for solvers that transform the matvec (dense solvers vmap it, normal CG transposes it).
+        ``w ↦ A w`` is a Jacobian-vector product and ``u ↦ Aᵀ u`` a vector-Jacobian product
+        of ``F`` in ``x`` (``torch.func``, so the operator composes with transforms and is
+        differentiable in ``sol`` and ``params``); the vjp is linearised once, on first use.
+        Outside torch.func transforms the transpose also gets a value-only version from one
+        retained autograd graph, several times cheaper per matvec, which the Krylov solvers
+        use (``apply_values``).
         """
-        if (
-            self.linear is not None
-            or _runtime.under_functorch()
-            or not linear_solve.only_applies_matvec(self.solve)
-        ):
-            return None
+        s = self.sol_tree(sol_leaves)
+
+        def F_of_x(x):
+            return self.residual(x, tensors)
+
+        def A(w):
+            return _runtime.jvp(F_of_x, (s,), (w,))[1]
+
+        vjp_x = None
+
+        def At(u):
+            nonlocal vjp_x
+            if vjp_x is None:
+                _, vjp_x = torch.func.vjp(F_of_x, s)
+            return vjp_x(u)[0]
+
+        values = None
+        if transposed and not _runtime.under_functorch():
+            values = self._values_only_transpose(sol_leaves, tensors)
+        forward, backward = (At, A) if transposed else (A, At)
+        return LinearOperator(
+            forward,
+            transpose=backward,
+            batched=self.batched,
+            symmetric=self.symmetric,
+            transposed=transposed,
+            apply_values=values,
+        )
+
+    def _values_only_transpose(self, sol_leaves, tensors):
+        """``u ↦ Aᵀ u`` by ``torch.autograd.grad`` on one retained graph (values only)."""
+        graph = None
+
+        def At(u):
+            nonlocal graph
+            if graph is None:
+                with torch.enable_grad():
+                    xs = [x.detach().requires_grad_() for x in sol_leaves]
+                    out = tree_leaves(self.residual(self.sol_tree(xs), [t.detach() for t in tensors]))
+                graph = (xs, out)
+            xs, out = graph
+            grads = torch.autograd.grad(out, xs, tree_leaves(u), retain_graph=True, allow_unused=True)
+            return self.sol_tree([torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)])
+
+        return At
+
+    def operator_factory(self, *, transposed: bool) -> Callable[..., LinearOperator]:
+        """``operands = (*sol_leaves, *tensors) ↦`` the operator to solve with (``A`` or
+        ``Aᵀ``), so that a linear solve built on it is differentiable in those operands."""
         n = self.n_sol()
 
-        def make_At(*operands):
-            with torch.enable_grad():
-                xs = [x.detach().requires_grad_() for x in operands[:n]]
-                out = tree_leaves(
-                    self.residual(self.sol_tree(xs), [t.detach() for t in operands[n:]])
-                )
+        def make(*operands):
+            return self.linearize(operands[:n], operands[n:], transposed=transposed)
 
-            def At(u):
-                grads = torch.autograd.grad(
-                    out, xs, tree_leaves(u), retain_graph=True, allow_unused=True
-                )
-                return self.sol_tree(
-                    [torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads)]
-                )
-
-            return At
-
-        return make_At
+        return make
 
     def vjp(self, sol_leaves, tensors, cotangents) -> list:
         """``uᵀ ∂F/∂θ`` with ``Aᵀ u = −v``: one gradient per tensor leaf (None if static)."""
         sol = self.sol_tree(sol_leaves)
         cot = [torch.zeros_like(s) if c is None else c for s, c in zip(sol_leaves, cotangents)]
         neg_v = self.sol_tree([-c for c in cot])
-        make_A, make_At = self.matvec_factories()
         u = _implicit_linear_solve(
-            make_At,
-            make_A,
+            self.operator_factory(transposed=True),
             neg_v,
             (*sol_leaves, *tensors),
             self.solve,
             self.batched,
-            make_solver_matvec=self.plain_transpose_factory(),
         )
         grads: list = [None] * len(tensors)
         if not self.diff:
@@ -215,9 +223,12 @@ class _Problem:
             tuple(tangents[k] for k in moving),
         )
         neg_b_dot = self.sol_tree([-x for x in tree_leaves(b_dot)])
-        make_A, make_At = self.matvec_factories()
         w = _implicit_linear_solve(
-            make_A, make_At, neg_b_dot, (*sol_leaves, *tensors), self.solve, self.batched
+            self.operator_factory(transposed=False),
+            neg_b_dot,
+            (*sol_leaves, *tensors),
+            self.solve,
+            self.batched,
         )
         return tree_leaves(w)
 
@@ -248,7 +259,7 @@ class _ImplicitRoot(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_sol):
-        if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grad_sol):
+        if any(g is not None and _runtime.is_legacy_batched(g) for g in grad_sol):
             raise NotImplementedError(
                 "torch.autograd.grad(..., is_grads_batched=True) uses torch's legacy batching, "
                 "which cannot run implicit_torch's backward (its detach and loops have no "
@@ -284,40 +295,53 @@ class _ImplicitRoot(torch.autograd.Function):
         return tuple(o.to(x.dtype) for o, x in zip(outs, saved[:n]))
 
 
-def _implicit_linear_solve(make_A, make_At, rhs, operands, solve, batched, make_solver_matvec=None):
-    """``x`` with ``A(operands) x = rhs``, differentiable in ``rhs`` and ``operands``.
+class _LinearProblem(_Problem):
+    """The optimality condition ``F(x, rhs, *operands) = op(x) − rhs`` of a linear solve with
+    ``op = make_op(*operands)``: its Jacobian in ``x`` is ``op`` itself, whose transpose the
+    operator knows; so the backward of a linear solve is a solve with ``opᵀ`` and its jvp one
+    with ``op``, at any order, without differentiating a vjp to transpose it."""
 
-    ``make_A(*operands)`` returns the linear map ``x ↦ A x`` (possibly a cached linearisation,
-    cheap to apply repeatedly) and ``make_At(*operands)`` its transpose; ``make_solver_matvec``,
-    if given, builds a value-only ``A`` for the linear solver itself. Derivatives go through
-    :class:`_ImplicitRoot` with the optimality condition ``A x − rhs = 0``, whose Jacobian in
-    ``x`` is ``A`` itself; so the backward of this solve is a solve with ``Aᵀ`` and its jvp
-    one with ``A``, at any order.
+    def __init__(self, make_op, rhs, params, solve, batched):
+        self.make_op = make_op
+
+        def optimality(x, rhs, *operands):
+            return tree_sub(make_op(*operands)(x), rhs)
+
+        super().__init__(optimality, rhs, params, solve, batched)
+
+    def operator_factory(self, *, transposed: bool) -> Callable[..., LinearOperator]:
+        # operands = (*x_leaves, *rhs_leaves, *op_operands); A does not depend on x or rhs.
+        skip = 2 * self.n_sol()
+
+        def make(*operands):
+            op = self.make_op(*operands[skip:])
+            return op.T if transposed else op
+
+        return make
+
+
+def _implicit_linear_solve(make_op, rhs, operands, solve, batched):
+    """``x`` with ``make_op(*operands) x = rhs``, differentiable in ``rhs`` and ``operands``.
+
+    ``make_op(*operands)`` returns the :class:`~implicit_torch.linear.LinearOperator` to
+    invert (a cached linearisation, cheap to apply repeatedly, that knows its transpose).
+    Derivatives go through :class:`_ImplicitRoot` with the condition ``op(x) − rhs = 0``
+    (:class:`_LinearProblem`).
     """
+    solve_fn = get_solver(solve)
 
     def solver(_init, rhs, *operands):
-        matvec = (make_solver_matvec or make_A)(*operands)
-        return linear_solve.call_solver(solve, matvec, rhs, batched=batched)
+        return solve_fn(make_op(*operands), rhs)
 
-    def optimality(x, rhs, *operands):
-        return tree_sub(make_A(*operands)(x), rhs)
-
-    return _implicit(
-        solver,
-        optimality,
-        None,
-        (rhs, *operands),
-        solve,
-        False,
-        batched,
-        check_closure=False,
-        linear=(make_A, make_At),
-    )
+    params = (rhs, *operands)
+    with torch.no_grad():
+        sol = solver(None, *params)
+    sol = tree_map(torch.Tensor.detach, sol)
+    problem = _LinearProblem(make_op, sol, params, solve, batched)
+    return _apply(problem, sol, params)
 
 
-def _implicit(
-    solver, optimality_fn, init, params, solve, has_aux, batched, check_closure, linear=None
-):
+def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, check_closure):
     with torch.no_grad():
         out = solver(init, *params)
     if has_aux:
@@ -331,16 +355,18 @@ def _implicit(
         sol, aux = out, None
     # detach() also drops forward-mode tangents that the solver's ops may have computed.
     sol_leaves, sol_spec = tree_flatten(sol)
-    sol_leaves = [x.detach() if isinstance(x, Tensor) else x for x in sol_leaves]
-    sol = tree_unflatten(sol_leaves, sol_spec)
-    problem = _Problem(optimality_fn, sol, params, solve, batched, linear)
-    param_leaves = tree_flatten(tuple(params))[0]
-    tensors = [param_leaves[i] for i in problem.tensor_pos]
+    sol = tree_unflatten([x.detach() if isinstance(x, Tensor) else x for x in sol_leaves], sol_spec)
+    problem = _Problem(optimality_fn, sol, params, solve, batched)
     if check_closure and torch.is_grad_enabled():
-        _check_closure(problem, sol, tensors)
-    outs = _ImplicitRoot.apply(problem, *sol_leaves, *tensors)
-    sol = problem.sol_tree(outs)
+        _check_closure(problem, sol, problem.tensors_of(params))
+    sol = _apply(problem, sol, params)
     return (sol, aux) if has_aux else sol
+
+
+def _apply(problem: _Problem, sol, params):
+    """The solution, through :class:`_ImplicitRoot`: differentiable in the params' tensors."""
+    outs = _ImplicitRoot.apply(problem, *tree_leaves(sol), *problem.tensors_of(params))
+    return problem.sol_tree(outs)
 
 
 def _check_closure(problem: _Problem, sol, tensors) -> None:
@@ -479,7 +505,7 @@ def root_vjp(
     """
     params = tuple(params)
     problem = _Problem(optimality_fn, sol, params, solve, batched)
-    leaves = [tree_flatten(tuple(params))[0][i] for i in problem.tensor_pos]
+    leaves = problem.tensors_of(params)
     cot = problem.raveler.check(cotangent, "the cotangent")
     grads = problem.vjp(tree_leaves(sol), leaves, cot)
     out = problem.params(grads)

@@ -9,12 +9,53 @@ count instead. Results are the same either way: converged systems are frozen by 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 
 import torch
-from torch._C import _functorch
 
-from implicit_torch._tree import tree_map
+# --------------------------------------------------------------------------------------------
+# Private torch APIs: this module is the only one in the package that touches them. Each is
+# checked at import, so that a torch release that renames one fails loudly here, naming it,
+# instead of silently changing behaviour somewhere else.
+# --------------------------------------------------------------------------------------------
+
+
+def _private(module: str, *names: str):
+    """``module`` after checking that it has every attribute in ``names``."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(_renamed(module, exc)) from exc
+    missing = [n for n in names if not hasattr(mod, n)]
+    if missing:
+        raise ImportError(_renamed(f"{module}.{missing[0]}"))
+    return mod
+
+
+def _renamed(what: str, exc: Exception | None = None) -> str:
+    return (
+        f"implicit_torch needs torch's private API {what}, which torch {torch.__version__} does "
+        f"not have{f' ({exc})' if exc else ''}: this torch release is not supported (tested: "
+        f"torch 2.13); please report it."
+    )
+
+
+_functorch = _private(
+    "torch._C._functorch", "get_interpreter_stack", "TransformType", "is_legacy_batchedtensor"
+)
+_eager_transforms = _private("torch._functorch.eager_transforms", "JVP_NESTING")
+_forward_ad = _private("torch.autograd.forward_ad", "_current_level")
+# torch has no public pytree module yet (torch 2.13): the package's pytree helpers
+# (implicit_torch._tree) use this one.
+pytree = _private(
+    "torch.utils._pytree", "tree_flatten", "tree_unflatten", "tree_map", "tree_leaves", "TreeSpec"
+)
+
+
+def is_legacy_batched(t: torch.Tensor) -> bool:
+    """True for a tensor of the legacy batching of ``autograd.grad(is_grads_batched=True)``."""
+    return _functorch.is_legacy_batchedtensor(t)
 
 
 def under_vmap() -> bool:
@@ -38,7 +79,7 @@ def can_inspect_values(*tensors: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    if any(_functorch.is_legacy_batchedtensor(t) for t in tensors):
+    if any(is_legacy_batched(t) for t in tensors):
         return False
     return not under_vmap()
 
@@ -57,10 +98,7 @@ def forward_ad_blocks_func_jvp() -> bool:
     """True when ``torch.func.jvp`` cannot run: inside a ``torch.autograd.forward_ad`` dual
     level opened outside torch.func (as ``gradcheck(check_forward_ad=True)`` does), where
     torch refuses to nest forward-mode AD."""
-    from torch._functorch import eager_transforms
-    from torch.autograd import forward_ad
-
-    return forward_ad._current_level >= 0 and getattr(eager_transforms, "JVP_NESTING", 0) == 0
+    return _forward_ad._current_level >= 0 and _eager_transforms.JVP_NESTING == 0
 
 
 def jvp(fn, primals: tuple, tangents: tuple):
@@ -70,7 +108,7 @@ def jvp(fn, primals: tuple, tangents: tuple):
     if not forward_ad_blocks_func_jvp():
         return torch.func.jvp(fn, primals, tangents)
     out, vjp_fn = torch.func.vjp(fn, *primals)
-    zeros = tree_map(torch.zeros_like, out)
+    zeros = pytree.tree_map(torch.zeros_like, out)
     _, transpose = torch.func.vjp(vjp_fn, zeros)
     return out, transpose(tangents)[0]
 

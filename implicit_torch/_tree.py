@@ -1,4 +1,5 @@
-"""Pytree helpers: the only module that imports ``torch.utils._pytree``.
+"""Pytree helpers on torch's pytree module (private in torch 2.13, so it is reached through
+:mod:`implicit_torch._runtime`, the one module that touches private APIs).
 
 Solutions, parameters, right-hand sides and residuals may be tensors or nested tuples, lists
 and dicts of tensors. The linear solvers work on one flat ``(B, N)`` tensor per system (``B``
@@ -13,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
+
+from implicit_torch._runtime import pytree
 
 TreeSpec = pytree.TreeSpec
 

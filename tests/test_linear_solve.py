@@ -8,7 +8,7 @@ import torch
 from problems import DT, gen, nonsym, spd
 
 import implicit_torch as it
-from implicit_torch import linear_solve
+from implicit_torch import linear as linear_solve
 
 ALL = ["cg", "normal_cg", "gmres", "bicgstab", "lu", "cholesky", "auto"]
 GENERAL = ["normal_cg", "gmres", "bicgstab", "lu", "auto"]
@@ -266,29 +266,35 @@ def test_cg_loop_never_reads_values_when_it_cannot(monkeypatch):
 # --- the CPU batched-LU guard (pytorch issue 142815) -------------------------------------------
 
 
-def test_batched_cpu_lu_runs_single_threaded_for_large_n(monkeypatch):
+def test_batched_cpu_lu_solves_block_by_block_for_large_n(monkeypatch):
+    """The guard for pytorch issue 142815 (batched multi-threaded CPU LU, n ≥ 160) solves
+    block by block and never touches the process-wide thread count."""
+    from implicit_torch.linear import dense
+
     seen = []
     real_solve = torch.linalg.solve
+    set_calls = []
 
     def spy(A, b):
-        seen.append((A.shape[-1], torch.get_num_threads()))
+        seen.append(tuple(A.shape))
         return real_solve(A, b)
 
     torch.set_num_threads(2)
     monkeypatch.setattr(torch.linalg, "solve", spy)
-    n = linear_solve._CPU_BATCHED_LU_SAFE_N
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: set_calls.append(k))
+    n = dense.CPU_BATCHED_LU_SAFE_N
     A = torch.eye(n, dtype=DT).expand(3, n, n) * 2.0
     b = torch.ones(3, n, dtype=DT)
-    x = linear_solve.lu_solve_dense(A, b)
-    small = linear_solve.lu_solve_dense(A[:, :8, :8], b[:, :8])
-    assert seen == [(n, 1), (8, 2)], seen
-    assert torch.get_num_threads() == 2, "the guard must restore the thread count"
+    x = dense.lu_solve(A, b)
+    small = dense.lu_solve(A[:, :8, :8], b[:, :8])
+    assert seen == [(n, n)] * 3 + [(3, 8, 8)], seen
+    assert set_calls == [], "the guard must not change the global thread count"
     torch.testing.assert_close(x, b / 2)
     torch.testing.assert_close(small, b[:, :8] / 2)
 
 
 def test_auto_picks_by_size_and_structure():
-    n = linear_solve.AUTO_DENSE_MAX_N + 40
+    n = linear_solve.auto.AUTO_DENSE_MAX_N + 40
     A_sym = spd(n, seed=35, cond=5.0)
     A_gen = nonsym(n, seed=36)
     b = torch.randn(n, generator=gen(37), dtype=DT)

@@ -10,7 +10,7 @@ import torch
 from problems import DT, gen, nonsym, spd
 
 import implicit_torch as it
-from implicit_torch import linear_solve, ops
+from implicit_torch import linear as linear_solve, ops
 
 needs_kernel = pytest.mark.skipif(
     not ops.extension_available("cpu"),
@@ -49,7 +49,7 @@ def test_without_the_kernel_spd_blocks_go_to_cholesky(monkeypatch):
 
 
 def test_small_blocks_go_to_cholesky():
-    n = linear_solve.AUTO_FUSED_MIN_N - 1
+    n = linear_solve.auto.AUTO_FUSED_MIN_N - 1
     A, b = spd_batch(4, n, cond=10.0), rhs(4, n)
     x, method = linear_solve.solve_formed(A, b)
     assert method == "cholesky"
@@ -97,9 +97,9 @@ def test_nonsymmetric_blocks_go_to_lu_even_when_nearly_symmetric():
 
 
 def test_fused_budget_is_clamped():
-    assert linear_solve.auto_fused_budget(4) == 32
-    assert linear_solve.auto_fused_budget(40) == 60
-    assert linear_solve.auto_fused_budget(1000) == 128
+    assert linear_solve.auto.auto_fused_budget(4) == 32
+    assert linear_solve.auto.auto_fused_budget(40) == 60
+    assert linear_solve.auto.auto_fused_budget(1000) == 128
 
 
 # --- solve_auto on batched problems ------------------------------------------------------------
@@ -160,8 +160,8 @@ def test_engine_gradient_through_the_fused_path_matches_the_closed_form(monkeypa
         return torch.linalg.solve(X.T @ X + torch.diag(lam), X.T @ y)
 
     calls = []
-    fused = linear_solve._fused_cg
-    monkeypatch.setattr(linear_solve, "_fused_cg", lambda *a: calls.append(1) or fused(*a))
+    fused = linear_solve.auto._fused_cg
+    monkeypatch.setattr(linear_solve.auto, "_fused_cg", lambda *a: calls.append(1) or fused(*a))
     lam = (0.5 + torch.rand(d, generator=g, dtype=DT)).requires_grad_()
     solver = it.custom_root(F, solve=linear_solve.solve_auto)(
         lambda init, lam: closed(lam.detach())
