@@ -36,7 +36,9 @@ class Cadence:
         check_every: steps between reads; ``None``: 1 on the CPU, 10 on an accelerator.
     """
 
-    def __init__(self, device: torch.device, *tensors: torch.Tensor, check_every: int | None = None):
+    def __init__(
+        self, device: torch.device, *tensors: torch.Tensor, check_every: int | None = None
+    ):
         if check_every is not None and (isinstance(check_every, bool) or check_every < 1):
             raise ValueError(f"check_every must be a positive integer, got {check_every}")
         self.inspect = _runtime.can_inspect_values(*tensors)

@@ -159,4 +159,3 @@ def choose_and_solve(sys: FlatSystem, maxiter: int):
         return formed()
     x, iters, conv, failures = krylov.gmres(sys, maxiter, AUTO_GMRES_RESTART)
     return x, "gmres", iters, conv, failures
-

@@ -63,9 +63,7 @@ def formed_is_symmetric(A: Tensor) -> bool:
     """:func:`symmetric_within` for formed blocks ``A`` (B, N, N), at ``1e3·eps``."""
     B, N, _ = A.shape
     eps = torch.finfo(A.dtype).eps
-    return symmetric_within(
-        lambda P: (A.reshape(B * N, N) @ P).reshape(B, N, 2), N, A, 1e3 * eps
-    )
+    return symmetric_within(lambda P: (A.reshape(B * N, N) @ P).reshape(B, N, 2), N, A, 1e3 * eps)
 
 
 def cholesky_or_lu(A: Tensor, b: Tensor, *, warn: bool = False) -> tuple[Tensor, str]:
@@ -83,6 +81,8 @@ def cholesky_or_lu(A: Tensor, b: Tensor, *, warn: bool = False) -> tuple[Tensor,
         why = "the matrix is not symmetric"
     if warn:
         warnings.warn(
-            f"implicit_torch: solve_cholesky fell back to LU: {why}", ConvergenceWarning, stacklevel=4
+            f"implicit_torch: solve_cholesky fell back to LU: {why}",
+            ConvergenceWarning,
+            stacklevel=4,
         )
     return lu_solve(A, b), "lu"

@@ -177,9 +177,7 @@ def neumann(sys: FlatSystem, maxiter: int, alpha: float = 1.0, fixed_steps: bool
             active = active & (rn > sys.threshold)
         return _Richardson(x, r, s.iters + s.active.to(s.iters.dtype), s.diverged | bad, active)
 
-    s, _ = iterate(
-        step, state, active=lambda s: s.active, maxiter=maxiter, cadence=_cadence(sys)
-    )
+    s, _ = iterate(step, state, active=lambda s: s.active, maxiter=maxiter, cadence=_cadence(sys))
     converged = (norm(s.r) <= sys.threshold) & ~s.diverged
     return s.x, s.iters, converged, {"diverged": s.diverged}
 
@@ -251,9 +249,7 @@ def bicgstab(sys: FlatSystem, maxiter: int):
             ok & ~half & (norm(r) > sys.threshold),
         )
 
-    s, _ = iterate(
-        step, state, active=lambda s: s.active, maxiter=maxiter, cadence=_cadence(sys)
-    )
+    s, _ = iterate(step, state, active=lambda s: s.active, maxiter=maxiter, cadence=_cadence(sys))
     converged = (norm(s.r) <= sys.threshold) & ~s.broken
     return s.x, s.iters, converged, {"breakdown": s.broken}
 
