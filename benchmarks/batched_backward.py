@@ -7,7 +7,7 @@ solves B symmetric d × d systems. Compared, in one process:
 * ``cg``: the engine's matrix-free batched CG, one vjp of the optimality condition per
   iteration;
 * ``auto``: ``solve="auto"``, which forms the d × d blocks (d vmapped vjps) and solves them
-  with :func:`implicit_torch.linear_solve.solve_formed` (fused batched CG for d ≥ 32 where
+  with :func:`implicit_torch.linear.solve_formed` (fused batched CG for d ≥ 32 where
   the compiled kernel runs, Cholesky below);
 * ``cholesky``: formed blocks and a batched Cholesky;
 * ``unrolled``: no implicit differentiation, autograd through ``torch.linalg.solve`` (a
