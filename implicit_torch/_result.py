@@ -68,6 +68,7 @@ class Status(enum.IntEnum):
     INFEASIBLE = 5  # constraints that no point satisfies
     DIVERGED = 6  # the residual grew without bound (a non-contractive iteration)
     UNBOUNDED = 7  # the objective is unbounded below (or the problem is not convex)
+    SINGULAR = 8  # a direct solve met a singular matrix
 
 
 @dataclasses.dataclass
@@ -129,15 +130,16 @@ def status_codes(
         residual: the final residual norms; a non-finite one is ``NONFINITE``.
         **failures: bool masks keyed by a lower-case :class:`Status` name (``indefinite=``,
             ``breakdown=``, ``diverged=``, ``infeasible=``, ``unbounded=``); ``None`` skips.
-            Earlier keywords win over later ones; a system in none of them that has not
-            converged ran out of iterations.
+            Earlier keywords win over later ones, and all of them over ``NONFINITE``; a system
+            in none of them that has not converged ran out of iterations.
     """
     codes = torch.full_like(converged, int(Status.MAX_ITERATIONS), dtype=torch.int64)
+    if residual is not None:
+        codes = torch.where(torch.isfinite(residual), codes, int(Status.NONFINITE))
+    # A named failure explains a non-finite result better than "non-finite".
     for name, mask in reversed(list(failures.items())):
         if mask is not None:
             codes = torch.where(mask, int(Status[name.upper()]), codes)
-    if residual is not None:
-        codes = torch.where(torch.isfinite(residual), codes, int(Status.NONFINITE))
     return torch.where(converged, int(Status.CONVERGED), codes)
 
 
@@ -197,6 +199,7 @@ _EXPLAIN = {
     Status.INFEASIBLE: "did not converge: the problem is infeasible",
     Status.DIVERGED: "diverged: the residual grew without bound",
     Status.UNBOUNDED: "did not converge: the problem is unbounded below or not convex",
+    Status.SINGULAR: "met a singular matrix (no unique solution)",
 }
 
 
@@ -256,8 +259,9 @@ def report(
     elif target is None and info.target is not None:
         target = f"{float(info.target.reshape(-1)[worst]):.3e}"
     against = f" > target {target}" if target is not None else ""
+    after = f" after {iters} iterations{cap}" if (iters or maxiter is not None) else ""
     msg = (
-        f"implicit_torch: {who} {_EXPLAIN[code]}{where} after {iters} iterations{cap}: "
+        f"implicit_torch: {who} {_EXPLAIN[code]}{where}{after}: "
         f"{measure} {float(residual[worst]):.3e}{against}. The result, and any gradient "
         f"computed from it, is inaccurate"
     )

@@ -272,7 +272,7 @@ def test_batched_cpu_lu_solves_block_by_block_for_large_n(monkeypatch):
     from implicit_torch.linear import dense
 
     seen = []
-    real_solve = torch.linalg.solve
+    real_solve = torch.linalg.solve_ex
     set_calls = []
 
     def spy(A, b):
@@ -280,13 +280,14 @@ def test_batched_cpu_lu_solves_block_by_block_for_large_n(monkeypatch):
         return real_solve(A, b)
 
     torch.set_num_threads(2)
-    monkeypatch.setattr(torch.linalg, "solve", spy)
+    monkeypatch.setattr(torch.linalg, "solve_ex", spy)
     monkeypatch.setattr(torch, "set_num_threads", lambda k: set_calls.append(k))
     n = dense.CPU_BATCHED_LU_SAFE_N
     A = torch.eye(n, dtype=DT).expand(3, n, n) * 2.0
     b = torch.ones(3, n, dtype=DT)
-    x = dense.lu_solve(A, b)
-    small = dense.lu_solve(A[:, :8, :8], b[:, :8])
+    x, singular = dense.lu_solve(A, b)
+    small, _ = dense.lu_solve(A[:, :8, :8], b[:, :8])
+    assert not bool(singular.any())
     assert seen == [(n, n)] * 3 + [(3, 8, 8)], seen
     assert set_calls == [], "the guard must not change the global thread count"
     torch.testing.assert_close(x, b / 2)

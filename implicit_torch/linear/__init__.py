@@ -92,7 +92,8 @@ def _system(matvec, b, init, ridge, M, batched, tol, atol) -> FlatSystem:
 def _public(algorithm: Callable[..., tuple]) -> Callable[..., Any]:
     """The public solver around ``algorithm(sys, maxiter, **extra) -> (x, method, iterations,
     converged, failures)``: builds the flat system, validates the shared options, reports and
-    packages the result. ``converged=None`` (a direct solve) means "finite"."""
+    packages the result. ``iterations=None`` marks a direct solve; ``converged=None`` means
+    "finite" (the true residual then decides, as for every solver)."""
 
     @functools.wraps(algorithm)
     def solve(
@@ -115,11 +116,14 @@ def _public(algorithm: Callable[..., tuple]) -> Callable[..., Any]:
         maxiter = _result.check_maxiter(maxiter)
         cap = 10 * sys.shape[1] if maxiter is None else maxiter
         x, method, iters, conv, failures = algorithm(sys, cap, **extra)
-        if iters is None:
+        direct = iters is None
+        if direct:
             iters = torch.zeros(sys.shape[0], dtype=torch.int64, device=x.device)
         if conv is None:
             conv = torch.isfinite(x).all(dim=1)
-        return finish(sys, x, method, iters, conv, failures, on_failure, return_info, cap)
+        return finish(
+            sys, x, method, iters, conv, failures, on_failure, return_info, cap, direct=direct
+        )
 
     # The signature users see: the shared options, then the algorithm's own (restart, ...).
     params = list(inspect.signature(solve, follow_wrapped=False).parameters.values())[:-1]
@@ -190,17 +194,21 @@ def solve_normal_cg(sys: FlatSystem, maxiter: int):
     ``Aᵀ`` is the operator's known transpose when it carries one (the engine's operators do),
     else the vector-Jacobian product of the (linear) ``matvec``. The normal equations square
     the condition number: prefer GMRES, BiCGSTAB or LU for badly conditioned non-symmetric
-    systems. ``tol`` applies to the normal equations; the reported residual is ``‖b − A x‖``.
-    ``M`` preconditions the normal equations.
+    systems. ``M`` preconditions the normal equations. Convergence is judged on the original
+    system's residual ``‖b − A x‖`` (CG on the normal equations can stall far from a solution
+    of ``A x = b`` when ``A`` is ill-conditioned or singular, and that is reported); with a
+    ``ridge``, on the regularised normal equations, which are then the problem solved.
     """
     op, At = sys.op, sys.op.T
     normal = LinearOperator(lambda v: At(op(v)), batched=op.batched, symmetric=True)
     rhs = At(sys.raveler.unravel(sys.b))
     init = sys.raveler.unravel(sys.x0) if sys.init_given else None
     normal_sys = FlatSystem(normal, rhs, init, sys.ridge, sys._M, sys.tol, sys.atol)
-    # The ridge belongs to the normal equations: the reported residual is ‖b − A x‖.
-    sys.ridge = None
     x, iters, conv, failures = krylov.cg(normal_sys, maxiter)
+    if sys.ridge is not None:
+        # A ridge changes the problem: the regularised normal equations are what was solved,
+        # and what the result is judged on.
+        sys.__dict__.update(normal_sys.__dict__)
     return x, "normal_cg", iters, conv, failures
 
 
@@ -208,9 +216,10 @@ def _direct(sys: FlatSystem, method: str):
     A = sys.materialise()
     if method == "lu" or not sys.inspect:
         # Symmetry and definiteness cannot be checked under vmap: LU is right in every case.
-        return dense.lu_solve(A, sys.b), "lu", None, None, {}
-    x, used = dense.cholesky_or_lu(A, sys.b, warn=True)
-    return x, used, None, None, {}
+        x, singular = dense.lu_solve(A, sys.b)
+        return x, "lu", None, None, {"singular": singular}
+    x, used, singular = dense.cholesky_or_lu(A, sys.b, warn=True)
+    return x, used, None, None, {"singular": singular}
 
 
 @_public

@@ -29,12 +29,18 @@ Tensor = torch.Tensor
 CPU_BATCHED_LU_SAFE_N = 160
 
 
-def lu_solve(A: Tensor, b: Tensor) -> Tensor:
-    """``A⁻¹ b`` for blocks ``A`` (B, N, N) and ``b`` (B, N) by LU with partial pivoting."""
+def lu_solve(A: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``A⁻¹ b`` for blocks ``A`` (B, N, N) and ``b`` (B, N) by LU with partial pivoting.
+
+    Returns ``(x, singular)``: a singular block (an exactly zero pivot) gets NaN in ``x`` and
+    ``True`` in the ``(B,)`` mask, and leaves the other blocks solved; nothing raises.
+    """
     if A.device.type == "cpu" and A.shape[0] > 1 and A.shape[-1] >= CPU_BATCHED_LU_SAFE_N:
         if torch.get_num_threads() > 1:
-            return torch.stack([torch.linalg.solve(A[i], b[i]) for i in range(A.shape[0])])
-    return torch.linalg.solve(A, b)
+            pairs = [torch.linalg.solve_ex(A[i], b[i]) for i in range(A.shape[0])]
+            return torch.stack([x for x, _ in pairs]), torch.stack([i for _, i in pairs]) != 0
+    x, info = torch.linalg.solve_ex(A, b)
+    return x, info != 0
 
 
 def symmetric_within(apply2, n: int, like: Tensor, rtol: float) -> bool:
@@ -66,16 +72,17 @@ def formed_is_symmetric(A: Tensor) -> bool:
     return symmetric_within(lambda P: (A.reshape(B * N, N) @ P).reshape(B, N, 2), N, A, 1e3 * eps)
 
 
-def cholesky_or_lu(A: Tensor, b: Tensor, *, warn: bool = False) -> tuple[Tensor, str]:
+def cholesky_or_lu(A: Tensor, b: Tensor, *, warn: bool = False) -> tuple[Tensor, str, Tensor]:
     """Cholesky for symmetric positive-definite blocks, LU when any block is not.
 
-    Returns ``(x, method)``; with ``warn``, falling back to LU warns with the reason (the
-    caller asked for Cholesky explicitly).
+    Returns ``(x, method, singular)`` (see :func:`lu_solve`); with ``warn``, falling back to LU
+    warns with the reason (the caller asked for Cholesky explicitly).
     """
     if formed_is_symmetric(A):
         L, info = torch.linalg.cholesky_ex(A)
         if not bool(info.any()):
-            return torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1), "cholesky"
+            x = torch.cholesky_solve(b.unsqueeze(-1), L).squeeze(-1)
+            return x, "cholesky", torch.zeros_like(info, dtype=torch.bool)
         why = "the matrix is not positive definite"
     else:
         why = "the matrix is not symmetric"
@@ -83,6 +90,7 @@ def cholesky_or_lu(A: Tensor, b: Tensor, *, warn: bool = False) -> tuple[Tensor,
         warnings.warn(
             f"implicit_torch: solve_cholesky fell back to LU: {why}",
             ConvergenceWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
-    return lu_solve(A, b), "lu"
+    x, singular = lu_solve(A, b)
+    return x, "lu", singular

@@ -51,7 +51,34 @@ class _CG(NamedTuple):
     active: Tensor
 
 
+# Residual replacement: a system whose recurrence residual met the target while its true
+# residual ‖b − A x‖ did not (drift, on ill-conditioned systems) is restarted from its iterate,
+# with r = b − A x recomputed, at most this many times.
+CG_RESTARTS = 2
+
+
 def cg(sys: FlatSystem, maxiter: int):
+    """Preconditioned conjugate gradient with residual replacement (see :func:`_cg_run`).
+
+    Where values can be read, a system whose recurrence claims convergence is checked against
+    its true residual and restarted from its iterate when that misses the target, within the
+    remaining ``maxiter`` budget (``CG_RESTARTS`` times at most).
+    """
+    x, iters, conv, failures = _cg_run(sys, maxiter)
+    for _ in range(CG_RESTARTS if sys.inspect else 0):
+        redo = conv & (norm(sys.b - sys.A(x)) > sys.threshold) & (iters < maxiter)
+        if not bool(redo.any()):
+            break
+        left = maxiter - int(iters[redo].min())
+        x2, iters2, conv2, failures2 = _cg_run(sys.restarted_from(x), left)
+        x = torch.where(_col(redo), x2, x)
+        iters = iters + torch.where(redo, iters2, 0)
+        conv = torch.where(redo, conv2, conv)
+        failures = {"indefinite": failures["indefinite"] | (redo & failures2["indefinite"])}
+    return x, iters, conv, failures
+
+
+def _cg_run(sys: FlatSystem, maxiter: int):
     """Preconditioned conjugate gradient, one step size per system.
 
     Works for symmetric definite systems of either sign (CG on ``−A`` has the same iterates).

@@ -143,6 +143,11 @@ class FlatSystem:
     def __init__(self, op: LinearOperator, b, init, ridge, M, tol, atol):
         self.op = op
         self.raveler = Raveler(b, op.batched, what="the right-hand side b")
+        if self.raveler.device.type == "meta":
+            raise ValueError(
+                "the linear solvers need tensor values (their loops read convergence on the "
+                "host): b is on the meta device, which holds shapes only"
+            )
         self.batched = op.batched
         self.b = self.raveler.ravel(b, "b")
         self.ridge = ridge

@@ -20,8 +20,15 @@ _FIX = {
         "use solve='gmres' or 'lu'."
     ),
     Status.BREAKDOWN: "use solve='gmres' or 'lu'.",
+    Status.SINGULAR: "the system has no unique solution; add a ridge, or check the problem.",
 }
 _DEFAULT_FIX = "raise maxiter, loosen tol, add a preconditioner M, or use another solver."
+# A direct solve is exact up to rounding: missing the target means the target is below what
+# the dtype attains for this system's conditioning (residual ≈ eps · ‖A‖ · ‖x‖).
+_UNATTAINABLE = (
+    "{method} is exact up to rounding, so the target is below what {dtype} attains for this "
+    "system's conditioning: loosen tol or set atol, or solve in float64."
+)
 
 
 def finish(
@@ -34,32 +41,40 @@ def finish(
     on_failure: str,
     return_info: bool,
     maxiter: int | None = None,
+    *,
+    direct: bool = False,
 ):
     """Check the outcome of a solve on ``sys``, then return ``x`` as a pytree (and a
     :class:`~implicit_torch._result.SolveInfo` when ``return_info``).
 
-    The residual ``‖b − A x‖`` is recomputed (one matvec) whenever it is reported or returned;
-    a non-finite one is never converged.
+    ``converged`` means that the true residual ``‖b − A x‖`` meets the target: the residual is
+    recomputed (one matvec) whenever it is reported or returned, and a system whose recurrence
+    claimed convergence but whose true residual misses the target (or is not finite) is
+    reported as not converged. ``direct`` marks a direct solve (LU, Cholesky), whose miss means
+    the target is unattainable in the dtype, as the message then says.
     """
     _result.check_on_failure(on_failure)
     check = on_failure != "ignore" and sys.inspect
     residual = sys.residual_norm(x) if (return_info or check) else None
     if residual is not None:
-        converged = converged & torch.isfinite(residual)
+        converged = converged & (residual <= sys.threshold)
     info = None
     if residual is not None:
         status = _result.status_codes(converged, residual, **failures)
         info = SolveInfo(iters, residual, converged, status, method, sys.threshold)
     if check:
         code = Status(int(info.status.max()))
+        fix = _FIX.get(code, _DEFAULT_FIX)
+        if direct and code == Status.MAX_ITERATIONS:
+            fix = _UNATTAINABLE.format(method=method.upper(), dtype=str(sys.b.dtype)[6:])
         _result.report(
             f"solve_{method}",
             info,
             on_failure,
             measure="residual ‖b − Ax‖",
             target=lambda worst: _describe_target(sys, worst),
-            fix=_FIX.get(code, _DEFAULT_FIX),
-            maxiter=maxiter,
+            fix=fix,
+            maxiter=None if direct else maxiter,
             batched=sys.batched,
             stacklevel=5,
         )
