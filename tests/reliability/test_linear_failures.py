@@ -67,7 +67,7 @@ def test_normal_cg_on_a_singular_system_is_reported():
     A = torch.ones(2, 2, dtype=DT)
     b = torch.tensor([1.0, 0.0], dtype=DT)
     with pytest.warns(it.ConvergenceWarning, match="did not converge"):
-        x, info = solve("normal_cg", A, b)
+        _, info = solve("normal_cg", A, b)
     assert not bool(info.converged)
     assert float(info.residual_norm) == pytest.approx(0.5**0.5, rel=1e-6)
 
@@ -75,7 +75,7 @@ def test_normal_cg_on_a_singular_system_is_reported():
 def test_a_direct_solve_that_misses_says_the_target_is_unattainable():
     A = spd_with_condition(40, 1e14, seed=5)
     b = torch.randn(40, generator=torch.Generator().manual_seed(6), dtype=DT)
-    with pytest.raises(it.ConvergenceError, match="exact up to rounding.*float64"):
+    with pytest.raises(it.ConvergenceError, match=r"exact up to rounding.*float64"):
         solve("lu", A, b, tol=1e-15, on_failure="raise")
 
 
