@@ -15,15 +15,37 @@ from typing import Any
 
 import torch
 
+from implicit_torch import _result, _runtime
 from implicit_torch._root import Problem, Solve, apply_root
-from implicit_torch._tree import describe, tree_flatten, tree_leaves, tree_sub, tree_unflatten
+from implicit_torch._tree import (
+    describe,
+    tree_flatten,
+    tree_leaves,
+    tree_map,
+    tree_sub,
+    tree_unflatten,
+)
 
 __all__ = ["custom_fixed_point", "custom_root", "implicit_solve", "root_jvp", "root_vjp"]
 
 Tensor = torch.Tensor
 
 
-def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, check_closure):
+# The default of ``root_tol`` (see implicit_solve): loose enough that a solver stopped at its own
+# tolerance (JAXopt's default tol is 1e-3) passes, tight enough that a point that is not a root
+# (an unconverged or wrong solver, a forgotten loop) does not.
+DEFAULT_ROOT_TOL = 1e-2
+
+
+def _check_options(root_tol, on_failure) -> None:
+    _result.check_on_failure(on_failure)
+    if root_tol is not None:
+        _result.check_tolerances(root_tol)
+
+
+def _implicit(
+    solver, optimality_fn, init, params, solve, has_aux, batched, check, root_tol, on_failure
+):
     with torch.no_grad():
         out = solver(init, *params)
     if has_aux:
@@ -39,21 +61,38 @@ def _implicit(solver, optimality_fn, init, params, solve, has_aux, batched, chec
     sol_leaves, sol_spec = tree_flatten(sol)
     sol = tree_unflatten([x.detach() if isinstance(x, Tensor) else x for x in sol_leaves], sol_spec)
     problem = Problem(optimality_fn, sol, params, solve, batched)
-    if check_closure and torch.is_grad_enabled():
-        _check_closure(problem, sol, problem.tensors_of(params))
+    if check and torch.is_grad_enabled():
+        # Only where a derivative can follow: the checks guard gradients.
+        _check_solution(problem, sol, problem.tensors_of(params), root_tol, on_failure)
     sol = apply_root(problem, sol, params)
     return (sol, aux) if has_aux else sol
 
 
-def _check_closure(problem: Problem, sol, tensors) -> None:
-    """Raise if ``F`` depends on a tensor that requires grad but is not among the params.
+def _check_solution(problem: Problem, sol, tensors, root_tol, on_failure) -> None:
+    """The checks on a solver's output, from one evaluation of ``F(x*, θ)``:
 
-    With every input detached, a residual that still requires grad can only come from a tensor
-    the function closes over; its gradient would silently be lost.
+    * ``F`` must not depend on a tensor that requires grad but is not among the params: with
+      every input detached, a residual that still requires grad can only come from a tensor
+      the function closes over, whose gradient would silently be lost (an error);
+    * ``x*`` must be a root: a non-finite solution or residual, or a residual with
+      ``‖F(x*, θ)‖∞ > root_tol · (1 + ‖x*‖∞)`` (per problem when batched), is reported as
+      ``on_failure`` says, since the implicit gradient at a point that is not a root is
+      meaningless.
     """
     detached = [t.detach() for t in tensors]
-    with torch.enable_grad():
-        res = problem.residual(sol, detached)
+    try:
+        with torch.enable_grad():
+            res = problem.residual(sol, detached)
+    except RuntimeError as exc:
+        if "does not require grad" not in str(exc):
+            raise
+        raise TypeError(
+            "the optimality function calls torch.autograd.grad on its inputs (the torchopt "
+            "habit), but implicit_torch evaluates it on detached tensors and inside torch.func "
+            "transforms, where that cannot work. Write the gradient with torch.func.grad, e.g. "
+            "optimality_fn = torch.func.grad(inner_loss), or build it with "
+            "implicit_torch.optimality.make_stationarity_fun(inner_loss)."
+        ) from exc
     if any(isinstance(r, Tensor) and r.requires_grad for r in tree_leaves(res)):
         raise ValueError(
             "the optimality function uses a tensor that requires grad but is not one of its "
@@ -61,6 +100,36 @@ def _check_closure(problem: Problem, sol, tensors) -> None:
             "it as an explicit parameter: optimality_fn(sol, *params) and solver(init, "
             "*params) must receive every differentiable tensor through params."
         )
+    if on_failure == "ignore" or not _runtime.can_inspect_values(*tree_leaves(sol)):
+        return
+    x = problem.raveler.ravel(sol).detach()
+    r = problem.raveler.ravel(tree_map(torch.Tensor.detach, res))
+    size = r.abs().amax(dim=1)
+    finite = torch.isfinite(x).all(dim=1) & torch.isfinite(size)
+    limit = (1 + x.abs().amax(dim=1)) * (torch.inf if root_tol is None else root_tol)
+    ok = finite & (size <= limit)
+    if bool(ok.all()):
+        return
+    status = _result.status_codes(ok, torch.where(finite, size, torch.nan))
+    info = _result.SolveInfo(torch.zeros_like(status), size, ok, status, "root", limit)
+    _result.report(
+        "the forward solver",
+        info,
+        on_failure,
+        explain={
+            _result.Status.MAX_ITERATIONS: "returned a point that is not a root of optimality_fn",
+            _result.Status.NONFINITE: "returned NaN or Inf (or optimality_fn is not finite there)",
+        },
+        measure="‖F(x*, θ)‖∞ =",
+        target=None if root_tol is None else f"root_tol · (1 + ‖x*‖∞) with root_tol={root_tol:g}",
+        fix=(
+            "the implicit gradient at a point that is not a root is meaningless. Check that "
+            "the solver converged and that optimality_fn is zero at its solution, or set "
+            "root_tol (None turns this check off)."
+        ),
+        batched=problem.batched,
+        stacklevel=5,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,6 +145,8 @@ def implicit_solve(
     solve: Solve = "cg",
     has_aux: bool = False,
     batched: bool = False,
+    root_tol: float | None = DEFAULT_ROOT_TOL,
+    on_failure: str = "warn",
 ) -> Any:
     """Run ``solver(init, *params)`` and make its solution differentiable in ``params``.
 
@@ -95,6 +166,14 @@ def implicit_solve(
         batched: dim 0 of every leaf of ``x*`` indexes independent problems, residual ``i``
             depending on ``x*[i]`` only; every linear solve then runs per problem, and a
             parameter shared by all problems gets the sum of their gradients.
+        root_tol: where a derivative can follow (grad mode on), the solver's output is
+            checked to be a root: ``‖F(x*, θ)‖∞ ≤ root_tol · (1 + ‖x*‖∞)`` (per problem when
+            batched; one evaluation of ``F``, shared with the closure check). A solver stopped
+            at its own tolerance passes the default ``1e-2``; a NaN or Inf solution is always
+            reported. ``None`` turns the residual test off.
+        on_failure: what a failed check does: ``"warn"`` (a
+            :class:`~implicit_torch.ConvergenceWarning`), ``"raise"``
+            (:class:`~implicit_torch.ConvergenceError`) or ``"ignore"``.
 
     Returns:
         ``x*`` (or ``(x*, aux)``), differentiable by ``backward``, ``torch.autograd.grad``
@@ -103,9 +182,12 @@ def implicit_solve(
     Raises:
         ValueError: if ``optimality_fn`` closes over a tensor that requires grad, or shapes,
             dtypes or devices do not fit.
+        TypeError: if ``optimality_fn`` differentiates with ``torch.autograd.grad`` (use
+            ``torch.func.grad``).
     """
+    _check_options(root_tol, on_failure)
     return _implicit(
-        solver, optimality_fn, init, params, solve, has_aux, batched, check_closure=True
+        solver, optimality_fn, init, params, solve, has_aux, batched, True, root_tol, on_failure
     )
 
 
@@ -114,6 +196,8 @@ def custom_root(
     solve: Solve = "cg",
     has_aux: bool = False,
     batched: bool = False,
+    root_tol: float | None = DEFAULT_ROOT_TOL,
+    on_failure: str = "warn",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: ``solver(init, *params)`` returns a root of ``optimality_fn(x, *params)``.
 
@@ -125,12 +209,15 @@ def custom_root(
             return torch.linalg.solve(X.T @ X + lam * torch.eye(d), X.T @ y)
     """
 
+    _check_options(root_tol, on_failure)
+
     def decorator(solver):
         @functools.wraps(solver)
         def wrapped(init, *params):
             return _implicit(
-                solver, optimality_fn, init, params, solve, has_aux, batched, check_closure=True
-            )
+                solver, optimality_fn, init, params, solve, has_aux, batched, True, root_tol,
+                on_failure,
+            )  # fmt: skip
 
         return wrapped
 
@@ -142,6 +229,8 @@ def custom_fixed_point(
     solve: Solve = "gmres",
     has_aux: bool = False,
     batched: bool = False,
+    root_tol: float | None = DEFAULT_ROOT_TOL,
+    on_failure: str = "warn",
 ):
     """Decorator: ``solver(init, *params)`` returns a fixed point ``x = T(x, *params)``.
 
@@ -152,7 +241,14 @@ def custom_fixed_point(
     def optimality_fn(x, *params):
         return tree_sub(fixed_point_fn(x, *params), x)
 
-    return custom_root(optimality_fn, solve=solve, has_aux=has_aux, batched=batched)
+    return custom_root(
+        optimality_fn,
+        solve=solve,
+        has_aux=has_aux,
+        batched=batched,
+        root_tol=root_tol,
+        on_failure=on_failure,
+    )
 
 
 def root_vjp(
@@ -205,8 +301,16 @@ def root_jvp(
             t_leaves.extend([None] * n)
             continue
         leaves = tree_flatten(t)[0]
-        if len(leaves) != n:
-            raise ValueError(f"a tangent ({describe(t)}) does not match its param ({describe(p)})")
+        p_own = tree_flatten(p)[0]
+        if len(leaves) != n or any(
+            isinstance(q, Tensor) and (not isinstance(u, Tensor) or u.shape != q.shape)
+            for q, u in zip(p_own, leaves)
+            if u is not None
+        ):
+            raise ValueError(
+                f"root_jvp: the tangent ({describe(t)}) does not match its param "
+                f"({describe(p)}): every tangent leaf must have its param leaf's shape"
+            )
         t_leaves.extend(leaves)
     tensors = [p_leaves[i] for i in problem.tensor_pos]
     tans = [t_leaves[i] for i in problem.tensor_pos]

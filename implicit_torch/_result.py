@@ -213,6 +213,7 @@ def report(
     fix: str = "",
     maxiter: int | None = None,
     batched: bool | None = None,
+    explain: dict[Status, str] | None = None,
     stacklevel: int = 3,
 ) -> None:
     """Warn (``on_failure="warn"``) or raise (``"raise"``) if any system in ``info`` failed.
@@ -231,6 +232,7 @@ def report(
         fix: the advice that ends the message.
         maxiter: shown next to the iteration count when given.
         batched: whether to count systems ("2 of 5 systems"); default: more than one system.
+        explain: what went wrong, by status, where the standard wording does not fit.
         stacklevel: passed to :func:`warnings.warn` (2 = the caller of ``report``).
     """
     if check_on_failure(on_failure) == "ignore":
@@ -261,7 +263,7 @@ def report(
     against = f" > target {target}" if target is not None else ""
     after = f" after {iters} iterations{cap}" if (iters or maxiter is not None) else ""
     msg = (
-        f"implicit_torch: {who} {_EXPLAIN[code]}{where}{after}: "
+        f"implicit_torch: {who} {(explain or {}).get(code, _EXPLAIN[code])}{where}{after}: "
         f"{measure} {float(residual[worst]):.3e}{against}. The result, and any gradient "
         f"computed from it, is inaccurate"
     )
