@@ -50,6 +50,7 @@ class Adjoint:
         batched: bool = False,
         default_solve: Solve = "cg",
         fixed_point_fn: Callable[..., Any] | None = None,
+        check_root: bool = True,
     ) -> Any:
         """``run(init, *params)``, differentiable in ``params`` the way this adjoint says.
 
@@ -65,6 +66,9 @@ class Adjoint:
                 solver's natural choice: CG for a Hessian, GMRES for a fixed point).
             fixed_point_fn: ``T(x, *params)`` for fixed-point problems (needed by
                 :class:`PhantomAdjoint`).
+            check_root: check that ``run``'s output is a root (see
+                :func:`~implicit_torch.implicit_solve`'s ``root_tol``); a solver class that
+                reports its own convergence turns it off, so that a failure is reported once.
         """
         raise NotImplementedError
 
@@ -82,11 +86,12 @@ class ImplicitAdjoint(Adjoint):
     solve: Solve | None = None
 
     def apply(self, run, optimality_fn, init, params, *, has_aux=False, batched=False,
-              default_solve="cg", fixed_point_fn=None):  # fmt: skip
+              default_solve="cg", fixed_point_fn=None, check_root=True):  # fmt: skip
         solve = default_solve if self.solve is None else self.solve
         return implicit_solve(
-            run, optimality_fn, init, *params, solve=solve, has_aux=has_aux, batched=batched
-        )
+            run, optimality_fn, init, *params, solve=solve, has_aux=has_aux, batched=batched,
+            on_failure="warn" if check_root else "ignore",
+        )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +99,7 @@ class UnrolledAdjoint(Adjoint):
     """Differentiate through the forward solver's recorded iterations (autograd)."""
 
     def apply(self, run, optimality_fn, init, params, *, has_aux=False, batched=False,
-              default_solve="cg", fixed_point_fn=None):  # fmt: skip
+              default_solve="cg", fixed_point_fn=None, check_root=True):  # fmt: skip
         return run(tree_detach(init), *params)
 
 
@@ -117,7 +122,7 @@ class PhantomAdjoint(Adjoint):
             raise ValueError(f"PhantomAdjoint: damping must be in (0, 1], got {self.damping!r}")
 
     def apply(self, run, optimality_fn, init, params, *, has_aux=False, batched=False,
-              default_solve="cg", fixed_point_fn=None):  # fmt: skip
+              default_solve="cg", fixed_point_fn=None, check_root=True):  # fmt: skip
         if fixed_point_fn is None:
             raise TypeError(
                 "PhantomAdjoint applies to fixed-point problems x = T(x, θ) only: this solver "
