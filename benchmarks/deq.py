@@ -6,9 +6,10 @@ A deep-equilibrium layer ``z* = f(z*, x)`` with ``f(z, x) = tanh(W z + U x + b)`
 (``K`` chosen so that ``‖f(z) − z‖`` is about 1e-6 relative), so their accuracy is equal by
 construction; they differ in the backward:
 
-* ``implicit``: :class:`implicit_torch.nn.DEQ` (``solver="fixed_point"``), gradient by the
-  implicit fixed-point system ``(I − ∂f/∂z)ᵀ u = v``, solved by GMRES (``backward_solve``);
-* ``neumann``: the same with the Neumann-series solver (``backward_solve="neumann"``);
+* ``implicit``: :class:`implicit_torch.nn.DEQ` (``forward_solver="fixed_point"``), gradient
+  by the implicit fixed-point system ``(I − ∂f/∂z)ᵀ u = v``, solved by GMRES
+  (``adjoint=ImplicitAdjoint("gmres")``);
+* ``neumann``: the same with the Neumann-series solver (``ImplicitAdjoint("neumann")``);
 * ``unrolled``: autograd through the ``K`` iterations;
 * ``torchdeq``: torchdeq 0.1.0's DEQ with implicit differentiation (``ift=True``), the same
   ``K`` forward iterations and its fixed-point-iteration backward solver, when torchdeq is
@@ -16,9 +17,10 @@ construction; they differ in the backward:
   ``PYTHONPATH=. /tmp/peers-venv/bin/python benchmarks/deq.py``).
 
 Then warm starts: 20 SGD steps on one batch, each forward started from the previous solution
-and each backward solve from the previous adjoint (``DEQ(warm_start=True)``, which wraps the
-backward solver in :class:`implicit_torch.WarmStart`), against cold starts; mean iterations
-per step after the first, for three backward solvers.
+and each backward solve from the previous adjoint (``DEQ(warm_start=True)``), against cold
+starts; mean iterations per step after the first, for three backward solvers. Both runs give
+the DEQ ``ImplicitAdjoint(WarmStart(solve))``, whose ``iterations`` list records every
+backward solve; the cold run resets it (``deq.reset_warm_start()``) before each step.
 
 Reported per model size: median time of forward + backward (``torch.utils.benchmark``, after
 a warm-up), the peak bytes autograd keeps for the backward (saved tensors, parameters and
@@ -39,6 +41,8 @@ from _memory import SavedBytes
 from torch import nn
 from torch.utils import benchmark
 
+from implicit_torch import WarmStart
+from implicit_torch.adjoint import ImplicitAdjoint
 from implicit_torch.nn import DEQ
 
 SIZES = [(64, 256), (256, 1024)]  # (batch, width)
@@ -71,13 +75,13 @@ def iterations_needed(f, x, rtol=1e-6, cap=2000):
 def make_losses(f, head, x, K):
     params = [*f.parameters(), *head.parameters()]
 
-    def layer_grad(backward_solve, maxiter, tol):
+    def layer_grad(solve, maxiter, tol):
         deq = DEQ(
             f,
-            solver="fixed_point",
+            forward_solver="fixed_point",
             maxiter=maxiter,
             tol=tol,
-            backward_solve=backward_solve,
+            adjoint=ImplicitAdjoint(solve),
             on_failure="ignore",
         )
 
@@ -178,8 +182,6 @@ def main():
 
 
 def warm_start_savings(width=64, batch=32, steps=20, lr=1e-3):
-    from implicit_torch import WarmStart
-
     print(f"\nwarm starts: width {width}, batch {batch}, {steps} SGD steps (lr {lr}), float64")
     print(f"{'backward':>9} | {'fwd cold':>8} {'fwd warm':>8} | {'bwd cold':>8} {'bwd warm':>8}")
     for solve in ("gmres", "bicgstab", "neumann"):
@@ -188,19 +190,19 @@ def warm_start_savings(width=64, batch=32, steps=20, lr=1e-3):
             torch.manual_seed(0)
             f = Cell(width).double()
             x = torch.randn(batch, width, dtype=torch.float64)
-            deq = DEQ(f, tol=1e-8, maxiter=500, backward_solve=solve, warm_start=warm)
-            if not warm:  # count the cold solves' iterations with a WarmStart that never fits
-                deq.backward_solve = WarmStart(solve)
-                deq.backward_solve._fits = lambda b: False
+            adjoint = ImplicitAdjoint(WarmStart(solve))  # records each backward's iterations
+            deq = DEQ(f, tol=1e-8, maxiter=500, adjoint=adjoint, warm_start=warm)
             opt = torch.optim.SGD(f.parameters(), lr=lr)
             fwd = []
             for _ in range(steps):
+                if not warm:
+                    deq.reset_warm_start()  # the backward's WarmStart forgets: a cold solve
                 loss = deq(x).square().sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 fwd.append(int(deq.last_state.iter_num))
-            bwd = deq.backward_solve.iterations
+            bwd = deq.adjoint.solve.iterations
             row[warm] = (sum(fwd[1:]) / (steps - 1), sum(bwd[1:]) / (steps - 1))
         print(
             f"{solve:>9} | {row[False][0]:>8.1f} {row[True][0]:>8.1f} | "

@@ -46,6 +46,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
+from implicit_torch.adjoint import ImplicitAdjoint
 from implicit_torch.nn import DEQ
 
 CONTRACTION = 0.9
@@ -80,7 +81,7 @@ class DEQClassifier(nn.Module):
             z_shape=lambda x: (x.shape[0], width),
             tol=1e-4,
             maxiter=100,
-            backward_solve="gmres",
+            adjoint=ImplicitAdjoint("gmres"),  # the backward: (I − J)ᵀ u = v by GMRES
         )
         self.head = nn.Linear(width, n_classes)
 

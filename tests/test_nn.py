@@ -11,6 +11,7 @@ from problems import DT, gen
 from torch import nn
 
 import implicit_torch as it
+from implicit_torch.adjoint import ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint
 from implicit_torch.nn import (
     DEQ,
     ArgminLayer,
@@ -62,7 +63,7 @@ def test_implicit_layer_gradients_match_the_closed_form():
 
 def test_implicit_layer_gradcheck_in_inputs():
     X, y = data(m=12, d=3)
-    layer = RidgeLayer(3, solve="lu")
+    layer = RidgeLayer(3, adjoint=ImplicitAdjoint("lu"))
     inputs = (X.clone().requires_grad_(), y.clone().requires_grad_())
     assert torch.autograd.gradcheck(lambda X, y: layer(X, y), inputs)
     assert torch.autograd.gradgradcheck(lambda X, y: layer(X, y), inputs)
@@ -248,12 +249,14 @@ def unrolled(f, x, steps=300):
     return z
 
 
-@pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point"])
-@pytest.mark.parametrize("backward_solve", ["gmres", "lu", "neumann"])
-def test_deq_implicit_gradient_matches_converged_unrolling(solver, backward_solve):
+@pytest.mark.parametrize("forward_solver", ["anderson", "broyden", "fixed_point"])
+@pytest.mark.parametrize("solve", ["gmres", "lu", "neumann"])
+def test_deq_implicit_gradient_matches_converged_unrolling(forward_solver, solve):
     f = Cell(6)
     x = torch.randn(4, 6, generator=gen(2), dtype=DT).requires_grad_()
-    deq = DEQ(f, solver=solver, tol=1e-12, maxiter=300, backward_solve=backward_solve)
+    deq = DEQ(
+        f, forward_solver=forward_solver, tol=1e-12, maxiter=300, adjoint=ImplicitAdjoint(solve)
+    )
     weights = torch.randn(4, 6, generator=gen(3), dtype=DT)
     params = [x, *f.parameters()]
     grads = torch.autograd.grad((weights * deq(x)).sum(), params)
@@ -266,7 +269,7 @@ def test_deq_implicit_gradient_matches_converged_unrolling(solver, backward_solv
 def test_deq_one_step_gradient_is_the_jacobian_free_gradient():
     f = Cell(5)
     x = torch.randn(3, 5, generator=gen(4), dtype=DT)
-    deq = DEQ(f, tol=1e-12, maxiter=300, backward="phantom")
+    deq = DEQ(f, tol=1e-12, maxiter=300, adjoint=PhantomAdjoint())
     grads = torch.autograd.grad(deq(x).sum(), list(f.parameters()))
     z_star = unrolled(f, x).detach()
     refs = torch.autograd.grad(f(z_star, x).sum(), list(f.parameters()))
@@ -281,7 +284,7 @@ def test_deq_phantom_gradient_approaches_the_implicit_one_with_more_steps():
     exact = torch.autograd.grad(DEQ(f, tol=1e-12, maxiter=300)(x).sum(), params)
 
     def error(steps):
-        deq = DEQ(f, tol=1e-12, maxiter=300, backward="phantom", phantom_steps=steps)
+        deq = DEQ(f, tol=1e-12, maxiter=300, adjoint=PhantomAdjoint(steps))
         approx = torch.autograd.grad(deq(x).sum(), params)
         return sum(float(torch.linalg.vector_norm(a - e)) for a, e in zip(approx, exact))
 
@@ -301,29 +304,177 @@ def test_deq_reports_non_convergence():
 def test_deq_warm_start_saves_iterations():
     f = Cell(8)
     x = torch.randn(4, 8, generator=gen(7), dtype=DT)
-    deq = DEQ(f, tol=1e-10, maxiter=200, warm_start=True, backward_solve="bicgstab")
-    assert isinstance(deq.backward_solve, it.WarmStart)
+    deq = DEQ(f, tol=1e-10, maxiter=200, warm_start=True, adjoint=ImplicitAdjoint("bicgstab"))
+    assert isinstance(deq.adjoint.solve, it.WarmStart)
     deq(x).sum().backward()
     cold = int(deq.last_state.iter_num)
     deq(x + 1e-4).sum().backward()
     assert deq.warm_starts == 1 and int(deq.last_state.iter_num) < cold
-    first, second = deq.backward_solve.iterations
+    first, second = deq.adjoint.solve.iterations
     assert second < first
     deq.reset_warm_start()
-    assert deq.backward_solve.last is None
+    assert deq.adjoint.solve.last is None
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(solver="newton"), "solver"),
-        (dict(backward="unrolled"), "backward"),
-        (dict(backward="phantom", phantom_damping=0.0), "phantom"),
+        (dict(forward_solver="newton"), "forward_solver"),
+        (dict(maxiter=-1), "maxiter"),
+        (dict(tol=-1.0), "tol"),
+        (dict(on_failure="crash"), "on_failure"),
     ],
 )
 def test_deq_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DEQ(Cell(3), **kwargs)
+    with pytest.raises(ValueError, match="damping"):
+        PhantomAdjoint(2, damping=0.0)
+
+
+# --- adjoint objects -----------------------------------------------------------------------------
+
+
+def test_implicit_layer_adjoints_agree_with_the_closed_form():
+    # solve_forward is torch.linalg.solve, so unrolling it is exact too: implicit (by CG or
+    # LU), unrolled and the closed form all give the same gradient.
+    X, y = data()
+    weights = torch.randn(5, generator=gen(30), dtype=DT)
+    lam = torch.linspace(-1.0, 1.0, 5, dtype=DT).requires_grad_()
+    (ref,) = torch.autograd.grad((weights * ridge_closed(lam, X, y)).sum(), lam)
+    for adjoint in (ImplicitAdjoint(), ImplicitAdjoint("lu"), UnrolledAdjoint()):
+        layer = RidgeLayer(5, adjoint=adjoint)
+        (grad,) = torch.autograd.grad((weights * layer(X, y)).sum(), layer.log_lam)
+        torch.testing.assert_close(grad, ref, rtol=1e-9, atol=1e-12)
+
+
+class HalfCosine(ImplicitLayer):
+    """x* = T(x*) with T(x) = ½ cos(x) + θ a: a contraction (|T'| ≤ ½), not a DEQ."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.theta = nn.Parameter(torch.tensor([0.3, -0.7, 1.1], dtype=DT))
+
+    def fixed_point(self, x, a):
+        return 0.5 * torch.cos(x) + self.theta * a
+
+    def optimality(self, x, a):
+        return self.fixed_point(x, a) - x
+
+    def solve_forward(self, init, a):
+        x = torch.zeros_like(a) if init is None else init
+        for _ in range(100):  # ½¹⁰⁰: converged in float64
+            x = self.fixed_point(x, a)
+        return x
+
+
+@pytest.mark.parametrize("layer", ["deq", "custom"])
+def test_adjoints_agree_in_their_limits_on_a_contraction(layer):
+    # Implicit (exact at the fixed point), unrolled through a converged forward, and phantom
+    # with many damped steps (their map contracts by 1 − λ + λ·½ = ¾ per step) agree.
+    if layer == "deq":
+        f, x = Cell(5), torch.randn(3, 5, generator=gen(31), dtype=DT)
+
+        def make(adjoint):  # the same cell (parameters) every time
+            return DEQ(f, forward_solver="fixed_point", tol=1e-13, maxiter=300, adjoint=adjoint)
+    else:
+        x = torch.randn(3, generator=gen(32), dtype=DT)
+
+        def make(adjoint):
+            return HalfCosine(adjoint=adjoint)
+
+    def grads(adjoint):
+        module = make(adjoint)
+        xr = x.clone().requires_grad_()
+        return torch.autograd.grad(module(xr).square().sum(), [xr, *module.parameters()])
+
+    exact = grads(ImplicitAdjoint("lu"))
+    for adjoint in (ImplicitAdjoint("gmres"), UnrolledAdjoint(), PhantomAdjoint(120, 0.5)):
+        for g, e in zip(grads(adjoint), exact):
+            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
+    one_step = grads(PhantomAdjoint(1, 0.5))  # an approximation, visibly different
+    assert max(float((g - e).abs().max()) for g, e in zip(one_step, exact)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "make", [lambda a: RidgeLayer(3, adjoint=a), lambda a: DEQ(Cell(3), adjoint=a)]
+)
+def test_a_bad_adjoint_is_a_type_error(make):
+    with pytest.raises(TypeError, match=r"adjoint must be .*ImplicitAdjoint\('gmres'\)"):
+        make("gmres")
+    with pytest.raises(TypeError, match="adjoint must be"):
+        make(it.solve_cg)
+
+
+def test_phantom_adjoint_needs_a_fixed_point():
+    with pytest.raises(TypeError, match="fixed_point"):
+        RidgeLayer(3, adjoint=PhantomAdjoint())
+    assert HalfCosine(adjoint=PhantomAdjoint()).is_fixed_point()
+
+
+# --- warm-start state ----------------------------------------------------------------------------
+
+
+def test_warm_start_state_is_in_non_persistent_buffers():
+    f = Cell(4)
+    x = torch.randn(3, 4, generator=gen(33), dtype=DT)
+    deq = DEQ(f, tol=1e-5, maxiter=200, warm_start=True)  # 1e-5: reached in float32 too
+    keys = set(deq.state_dict())
+    z = deq(x)
+    (name, stored), *rest = deq.named_buffers()
+    assert name == "warm_start_state.solution_0" and not rest
+    torch.testing.assert_close(stored, z.detach())
+    # Out of state_dict: a checkpoint is the same with or without a stored solution.
+    assert set(deq.state_dict()) == keys
+    other = DEQ(Cell(4), warm_start=True)
+    other.load_state_dict(deq.state_dict())
+    assert not list(other.named_buffers())
+    # .to(dtype) casts the stored solution with the module; it still fits the next solve.
+    deq.float()
+    assert stored.dtype == DT and deq.warm_start_state.solution_0.dtype == torch.float32
+    deq(x.float())
+    assert deq.warm_starts == 1
+    # A batch of another shape starts cold (and then replaces the stored solution).
+    deq(x[:2].float())
+    assert deq.warm_starts == 1 and deq.warm_start_state.solution_0.shape == (2, 4)
+    deq.reset_warm_start()
+    assert not list(deq.named_buffers())
+    deq(x[:2].float())
+    assert deq.warm_starts == 1
+
+
+def test_warm_start_of_a_pytree_solution_and_of_the_backward():
+    class Pair(RidgeLayer):
+        def solve_forward(self, init, X, y):
+            w = super().solve_forward(init, X, y)
+            return {"w": w, "s": w.sum()}
+
+        def optimality(self, x, X, y):
+            return {"w": super().optimality(x["w"], X, y), "s": x["s"] - x["w"].sum()}
+
+    X, y = data()
+    layer = Pair(5, adjoint=ImplicitAdjoint("gmres"), warm_start=True)
+    assert isinstance(layer.adjoint.solve, it.WarmStart)  # the backward's warm start
+    out = layer(X, y)
+    (out["w"].sum() + out["s"]).backward()
+    assert [n for n, _ in layer.named_buffers()] == [
+        "warm_start_state.solution_0",
+        "warm_start_state.solution_1",
+    ]
+    layer(X, y)
+    assert layer.warm_starts == 1 and layer.adjoint.solve.last is not None
+    layer.reset_warm_start()
+    assert not list(layer.named_buffers()) and layer.adjoint.solve.last is None
+    # A user's linear solver is left alone (it may not take init).
+    lu = ImplicitAdjoint(lambda matvec, b: it.solve_lu(matvec, b))
+    assert Pair(5, adjoint=lu, warm_start=True).adjoint is lu
+
+
+def test_warm_start_keeps_nothing_inside_torch_func():
+    X, y = data()
+    layer = RidgeLayer(5, warm_start=True)
+    torch.func.grad(lambda X: layer(X, y).sum())(X)
+    assert not list(layer.named_buffers()) and layer.warm_starts == 0
 
 
 # --- autocast, torch.compile ---------------------------------------------------------------------
@@ -372,7 +523,7 @@ def test_torch_compile_of_a_model_with_layers():
     # break): a few iterations keep the test quick; the gradients compared are the layer's
     # (implicit, at whatever point the forward stopped) with and without compilation.
     f = Cell(5)
-    deq = DEQ(f, solver="fixed_point", tol=1e-10, maxiter=4, on_failure="ignore")
+    deq = DEQ(f, forward_solver="fixed_point", tol=1e-10, maxiter=4, on_failure="ignore")
     head = nn.Linear(5, 2, dtype=DT)
     x = torch.randn(3, 5, generator=gen(8), dtype=DT)
 
@@ -483,6 +634,13 @@ def test_layers_on_cuda_match_cpu():
     layer = RidgeLayer(5)
     w_cpu = layer(X, y)
     torch.testing.assert_close(layer.to("cuda")(X.cuda(), y.cuda()).cpu(), w_cpu)
+
+    warm = DEQ(Cell(6), tol=1e-10, maxiter=300, warm_start=True)
+    warm(x)
+    warm.to("cuda")  # the stored solution moves with the module and fits the next solve
+    assert warm.warm_start_state.solution_0.is_cuda
+    warm(x.cuda())
+    assert warm.warm_starts == 1
 
 
 @pytest.mark.parametrize("kind", ["kl", "euclidean"])

@@ -1,0 +1,59 @@
+"""OptNet's layer (Amos & Kolter, 2017): a batched quadratic program as a module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from implicit_torch._result import check_maxiter, check_on_failure, check_tolerances
+from implicit_torch.solvers.qp import QP
+
+__all__ = ["QPLayer"]
+
+Tensor = torch.Tensor
+
+
+class QPLayer(nn.Module):
+    """``x*(Q, p, A, b, G, h) = argmin_x ½ xᵀQx + pᵀx  s.t.  A x = b,  G x ≤ h`` (OptNet).
+
+    ``forward(Q, p, G=None, h=None, A=None, b=None)``: each tensor is shared by the batch
+    (``Q (n, n)``, ``p (n,)``, ``G (m, n)``, ...) or per problem with a leading batch
+    dimension (``Q (B, n, n)``, ``p (B, n)``, ...); register learnable ones as parameters of
+    a surrounding module and pass them in. Returns ``x*`` of shape ``(B, n)`` (``(n,)`` when
+    nothing is batched), differentiable in every tensor through the KKT conditions (a shared
+    tensor gets the sum of the per-problem gradients: unlike qpth, which averages them).
+
+    Solved by :class:`~implicit_torch.QP` (batched primal-dual interior point), which also
+    differentiates the solution (implicitly, through its factorised KKT system); ``Q`` must
+    be positive definite and ``A`` of full row rank. Non-convergence (an infeasible problem)
+    warns, or raises with ``on_failure="raise"``; ``last_state``, a diagnostic set by each
+    forward, holds the solver's state.
+
+    Args:
+        maxiter, tol, on_failure: passed to :class:`~implicit_torch.QP`.
+    """
+
+    def __init__(self, *, maxiter: int = 50, tol: float | None = None, on_failure: str = "warn"):
+        super().__init__()
+        check_tolerances(tol)
+        self.maxiter, self.tol = check_maxiter(maxiter), tol
+        self.on_failure = check_on_failure(on_failure)
+        self.last_state: Any = None
+
+    def forward(self, Q, p, G=None, h=None, A=None, b=None) -> Tensor:
+        if (G is None) != (h is None) or (A is None) != (b is None):
+            raise ValueError("QPLayer: pass G with h, and A with b")
+        if G is None:
+            raise ValueError(
+                "QPLayer: no inequality constraints given (G, h); for equality constraints "
+                "only use implicit_torch.EqualityConstrainedQP"
+            )
+        solver = QP(maxiter=self.maxiter, tol=self.tol, on_failure=self.on_failure)
+        params_eq = None if A is None else (A, b)
+        solution, self.last_state = solver.run(None, (Q, p), params_eq, (G, h))
+        return solution.primal
+
+    def extra_repr(self) -> str:
+        return f"maxiter={self.maxiter}, tol={self.tol}"
