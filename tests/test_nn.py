@@ -1,6 +1,7 @@
 """implicit_torch.nn: ImplicitLayer and DEQ against closed forms, unrolled iterations and
 finite differences; autocast, torch.compile and DistributedDataParallel."""
 
+import datetime
 import os
 import socket
 import warnings
@@ -570,7 +571,10 @@ def _ddp_worker(rank, world, port, x, y, out_path):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Bounded: a rank that dies makes the other fail within a minute instead of hanging.
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(Model())
@@ -579,6 +583,9 @@ def _ddp_worker(rank, world, port, x, y, out_path):
         loss.backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.module.named_parameters()}, out_path)
+        # Every rank reaches this point before any tears the group down: destroying it while
+        # the other rank's gloo threads still talk to this one aborted rank 1 under load.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
