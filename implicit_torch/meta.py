@@ -19,15 +19,14 @@ the per-task gradients).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from implicit_torch import _runtime
-from implicit_torch._errors import ConvergenceWarning
 from implicit_torch._implicit_diff import implicit_solve
+from implicit_torch._loop import Cadence, iterate
+from implicit_torch._result import SolveInfo, check_maxiter, check_tolerances, report, status_codes
 from implicit_torch._tree import tree_leaves, tree_map
 
 __all__ = ["imaml_adapt"]
@@ -35,22 +34,57 @@ __all__ = ["imaml_adapt"]
 Tensor = torch.Tensor
 
 
-def _report_inner(step: Any, n_tasks: int, inner_steps: int, tol: float) -> None:
-    """Warn when gradient descent ran out of steps (or diverged) before ``tol``."""
-    if not _runtime.can_inspect_values():
-        return
-    norms = sum(g.reshape(n_tasks, -1).square().sum(-1) for g in tree_leaves(step)).sqrt()
-    bad = ~(norms <= tol)  # NaN counts as not converged
-    if bool(bad.any()):
-        warnings.warn(
-            f"implicit_torch: imaml_adapt's inner gradient descent did not converge for "
-            f"{int(bad.sum())} of {n_tasks} tasks in {inner_steps} steps: gradient norm up to "
-            f"{float(norms.max()):.3e} > tol={tol:g}. The adapted parameters and the "
-            f"meta-gradient are inaccurate: raise inner_steps, tune inner_lr (too large "
-            f"diverges), or pass an inner_solver.",
-            ConvergenceWarning,
-            stacklevel=3,
+def _task_norms(grads: Any, n_tasks: int) -> Tensor:
+    """``‖∇Lᵢ(φᵢ) + reg (φᵢ − θ)‖`` per task (T,), over all leaves."""
+    return sum(g.reshape(n_tasks, -1).square().sum(-1) for g in tree_leaves(grads)).sqrt()
+
+
+def _gradient_descent(optimality, n_tasks: int, inner_lr: float, maxiter: int, tol: float):
+    """The default inner solver: ``φ ← φ − inner_lr · (∇L(φ) + reg (φ − θ))`` for all tasks at
+    once from ``φ = θ``, each task frozen once its gradient norm is ``≤ tol`` (so the result
+    does not depend on the cadence of the host checks), on the package's driver."""
+
+    def solve(_init, theta, shared, *data):
+        phi = tree_map(lambda t: t.detach().expand(n_tasks, *t.shape).clone(), theta)
+        grads = optimality(phi, theta, shared, *data)
+        norms = _task_norms(grads, n_tasks)
+        iters = torch.zeros(n_tasks, dtype=torch.int64, device=norms.device)
+
+        def step(state):
+            phi, grads, norms, iters = state
+            active = norms > tol  # NaN: not active; reported below
+
+            def move(p, g):
+                mask = active.reshape(-1, *(1,) * (p.dim() - 1))
+                return torch.where(mask, p - inner_lr * g, p)
+
+            phi = tree_map(move, phi, grads)
+            grads = optimality(phi, theta, shared, *data)
+            return phi, grads, _task_norms(grads, n_tasks), iters + active
+
+        cadence = Cadence(norms.device, norms)
+        (phi, _, norms, iters), _ = iterate(
+            step,
+            (phi, grads, norms, iters),
+            active=lambda state: state[2] > tol,
+            maxiter=maxiter,
+            cadence=cadence,
         )
+        if cadence.inspect:
+            converged = norms <= tol
+            info = SolveInfo(iters, norms, converged, status_codes(converged, norms))
+            report(
+                "imaml_adapt's inner gradient descent",
+                info,
+                "warn",
+                measure="gradient norm",
+                target=f"tol={tol:g}",
+                maxiter=maxiter,
+                fix="raise maxiter, tune inner_lr (too large diverges), or pass an inner_solver.",
+            )
+        return phi
+
+    return solve
 
 
 def imaml_adapt(
@@ -59,7 +93,7 @@ def imaml_adapt(
     *task_data: Tensor,
     reg: float,
     inner_lr: float,
-    inner_steps: int = 100,
+    maxiter: int = 100,
     tol: float = 1e-6,
     solve: Any = "cg",
     shared: Any = None,
@@ -75,10 +109,11 @@ def imaml_adapt(
         *task_data: tensors whose dim 0 indexes the ``T`` tasks (e.g. ``(T, K, d)`` inputs
             and ``(T, K)`` targets); each task's slice is passed to ``task_loss``.
         reg: the proximal strength ``reg > 0``.
-        inner_lr, inner_steps, tol: the default inner solver, gradient descent on the
-            regularised objective, stopping for all tasks once every task's gradient norm is
-            ``≤ tol`` (``inner_lr`` must be below ``2 / (L + reg)``, ``L`` the task losses'
-            smoothness).
+        inner_lr, maxiter, tol: the default inner solver, gradient descent on the
+            regularised objective for at most ``maxiter`` steps, each task stopping once its
+            gradient norm is ``≤ tol`` (``inner_lr`` must be below ``2 / (L + reg)``, ``L`` the
+            task losses' smoothness). A task that does not converge is reported with a
+            :class:`~implicit_torch.ConvergenceWarning`.
         inner_solver: any other forward solver, ``inner_solver(theta, shared, *task_data) ->
             φ*`` with a leading task dimension (run without autograd; only its result matters,
             the gradient comes from the stationarity condition).
@@ -98,6 +133,8 @@ def imaml_adapt(
     """
     if not reg > 0:
         raise ValueError(f"reg must be positive, got {reg}")
+    check_maxiter(maxiter)
+    check_tolerances(tol)
     if not task_data:
         raise ValueError("imaml_adapt needs task data: tensors whose dim 0 indexes the tasks")
     n_tasks = task_data[0].shape[0]
@@ -114,26 +151,24 @@ def imaml_adapt(
         grads = task_grads(phi, *data) if shared is None else task_grads(phi, *data, shared)
         return tree_map(lambda g, p, t: g + reg * (p - t), grads, phi, theta)
 
-    def gradient_descent(_init, theta, shared, *data):
-        phi = tree_map(lambda t: t.detach().expand(n_tasks, *t.shape).clone(), theta)
-        for _ in range(inner_steps):
-            step = optimality(phi, theta, shared, *data)
-            leaves = tree_leaves(step)
-            norms = torch.stack([g.reshape(n_tasks, -1).square().sum(-1) for g in leaves])
-            if bool((norms.sum(0).sqrt() <= tol).all()):
-                break
-            phi = tree_map(lambda p, g: p - inner_lr * g, phi, step)
-        else:
-            _report_inner(optimality(phi, theta, shared, *data), n_tasks, inner_steps, tol)
-        return phi
-
     if inner_solver is None:
-        solver = gradient_descent
+        solver = _gradient_descent(optimality, n_tasks, inner_lr, maxiter, tol)
     else:
 
         def solver(_init, theta, shared, *data):
             return inner_solver(theta, shared, *data)
 
+    # The engine checks that a user's inner solver returned a root; gradient descent reports
+    # its own failures, so the check would repeat them.
+    check = "warn" if inner_solver is not None else "ignore"
     return implicit_solve(
-        solver, optimality, None, meta_params, shared, *task_data, solve=solve, batched=True
+        solver,
+        optimality,
+        None,
+        meta_params,
+        shared,
+        *task_data,
+        solve=solve,
+        batched=True,
+        on_failure=check,
     )

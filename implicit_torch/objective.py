@@ -14,13 +14,16 @@ BlockCoordinateDescent` needs to update one block of ``W`` in ``O(size of A's co
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from implicit_torch.loss import binary_logistic_loss, multiclass_logistic_loss
+
+# The structure block coordinate descent exploits is defined with that solver (a solver states
+# what it needs of a problem); re-exported here, where JAXopt has it.
+from implicit_torch.solvers.block_coordinate_descent import CompositeLinearFunction
 
 __all__ = [
     "CompositeLinearFunction",
@@ -35,96 +38,6 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
-
-
-class CompositeLinearFunction:
-    """``f(W, *args) = subfun(A W + c, *args) + ⟨b, W⟩``: a smooth outer function of an affine
-    map of ``W``, plus a linear term.
-
-    Shapes: ``A`` is ``(m, d)``; ``W`` is ``(d,)`` or ``(d, k)``; the predictions
-    ``z = A W + c`` are ``(m,)`` or ``(m, k)``; ``b`` is shaped like ``W``. Block ``j`` of ``W``
-    (its entry or row ``j``) enters ``z`` only through column ``A[:, j]``, so
-    ``∂f/∂W[j] = A[:, j]ᵀ ∇subfun(z) + b[j]`` and the block's gradient is Lipschitz with
-    constant ``L_sub · ‖A[:, j]‖²`` when ``∇subfun`` is ``L_sub``-Lipschitz.
-
-    Args:
-        subfun: ``subfun(z, *args)``, a scalar tensor.
-        linear_op: ``linear_op(*args) -> A``.
-        offset: ``offset(*args) -> c`` (broadcastable to ``z``), or None for ``c = 0``.
-        linear_term: ``linear_term(*args) -> b``, or None for ``b = 0``.
-        subfun_grad: ``subfun_grad(z, *args) -> ∇subfun(z)`` in closed form; None: autograd.
-        subfun_lipschitz: ``subfun_lipschitz(*args) -> L_sub`` (number or 0-d tensor).
-        predictions_fun: ``predictions_fun(W, *args) -> A W + c`` computed more cheaply than
-            by forming ``c`` (e.g. ``A (W − W₀)``); None: ``linear_op(*args) @ W + c``.
-        name: the objective's name (``__name__``).
-    """
-
-    def __init__(
-        self,
-        subfun: Callable[..., Tensor],
-        linear_op: Callable[..., Tensor],
-        *,
-        offset: Callable[..., Tensor] | None = None,
-        linear_term: Callable[..., Tensor] | None = None,
-        subfun_grad: Callable[..., Tensor] | None = None,
-        subfun_lipschitz: Callable[..., Any] | None = None,
-        predictions_fun: Callable[..., Tensor] | None = None,
-        name: str = "composite_linear_function",
-        doc: str | None = None,
-    ):
-        self.subfun = subfun
-        self.linear_op = linear_op
-        self.offset = offset
-        self.linear_term = linear_term
-        self._subfun_grad = subfun_grad
-        self.subfun_lipschitz = subfun_lipschitz
-        self._predictions_fun = predictions_fun
-        self.__name__ = name
-        self.__doc__ = doc
-
-    def __repr__(self) -> str:
-        return f"<CompositeLinearFunction {self.__name__}>"
-
-    def predictions(self, W: Tensor, *args: Any) -> Tensor:
-        """``z = A W + c``, shape ``(m,)`` or ``(m, k)``."""
-        if self._predictions_fun is not None:
-            return self._predictions_fun(W, *args)
-        z = self.linear_op(*args) @ W
-        return z if self.offset is None else z + self.offset(*args)
-
-    def subfun_grad(self, z: Tensor, *args: Any) -> Tensor:
-        """``∇subfun(z, *args)``, shaped like ``z`` (closed form when given, else autograd)."""
-        if self._subfun_grad is not None:
-            return self._subfun_grad(z, *args)
-        return torch.func.grad(self.subfun)(z, *args)
-
-    def columnwise_lipschitz_const(self, *args: Any) -> Tensor:
-        """``L_sub · ‖A[:, j]‖²`` for every ``j``, shape ``(d,)``: the Lipschitz constants of the
-        block gradients ``∂f/∂W[j]``."""
-        if self.subfun_lipschitz is None:
-            raise ValueError(f"{self.__name__} does not define subfun_lipschitz")
-        A = self.linear_op(*args)
-        return self.subfun_lipschitz(*args) * (A * A).sum(0)
-
-    def __call__(self, W: Tensor, *args: Any) -> Tensor:
-        value = self.subfun(self.predictions(W, *args), *args)
-        if self.linear_term is not None:
-            value = value + (self.linear_term(*args) * W).sum()
-        return value
-
-    def value_and_grad(self, W: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-        """``(f(W, *args), ∇_W f(W, *args))`` with ``∇_W f = Aᵀ ∇subfun(A W + c) + b``: the
-        form solvers take with ``value_and_grad=True``, one product with ``A`` each way and no
-        autograd pass (the closed-form ``subfun_grad`` when given). Differentiable in ``W`` and
-        ``args``."""
-        z = self.predictions(W, *args)
-        value = self.subfun(z, *args)
-        grad = self.linear_op(*args).mT @ self.subfun_grad(z, *args)
-        if self.linear_term is not None:
-            b = self.linear_term(*args)
-            value = value + (b * W).sum()
-            grad = grad + b
-        return value, grad
 
 
 def _data(args: tuple) -> tuple[Tensor, Tensor]:

@@ -34,7 +34,7 @@ def test_meta_gradient_matches_the_closed_form():
         "b": torch.tensor(0.3, dtype=DT, requires_grad=True),
     }
     Xr = X.clone().requires_grad_()
-    phi = imaml_adapt(linear_loss, theta, Xr, y, reg=REG, inner_lr=0.3, inner_steps=5000, tol=1e-12)
+    phi = imaml_adapt(linear_loss, theta, Xr, y, reg=REG, inner_lr=0.3, maxiter=5000, tol=1e-12)
     ref = closed_form(theta["w"], theta["b"], X, y)
     torch.testing.assert_close(torch.cat([phi["w"], phi["b"][:, None]], -1), ref.detach())
     weights = torch.randn(T, D + 1, generator=gen(2), dtype=DT)
@@ -57,7 +57,7 @@ def test_shared_parameters_get_the_sum_of_per_task_gradients():
     theta = {"w": torch.zeros(D, dtype=DT), "b": torch.zeros((), dtype=DT)}
     scale = torch.tensor([1.0, 0.5, 2.0], dtype=DT, requires_grad=True)
     phi = imaml_adapt(
-        loss, theta, X, y, reg=REG, inner_lr=0.1, inner_steps=10_000, tol=1e-12, shared=scale
+        loss, theta, X, y, reg=REG, inner_lr=0.1, maxiter=10_000, tol=1e-12, shared=scale
     )
     (g,) = torch.autograd.grad(phi["w"].square().sum(), scale)
     s2 = scale.detach().clone().requires_grad_()
@@ -88,9 +88,9 @@ def test_inner_non_convergence_and_divergence_warn():
     X, y = task_data(6)
     theta = {"w": torch.zeros(D, dtype=DT), "b": torch.zeros((), dtype=DT)}
     with pytest.warns(it.ConvergenceWarning, match="did not converge"):
-        imaml_adapt(linear_loss, theta, X, y, reg=REG, inner_lr=0.01, inner_steps=3)
+        imaml_adapt(linear_loss, theta, X, y, reg=REG, inner_lr=0.01, maxiter=3)
     with pytest.warns(it.ConvergenceWarning, match="diverges"):
-        imaml_adapt(linear_loss, theta, X, y, reg=REG, inner_lr=50.0, inner_steps=50)
+        imaml_adapt(linear_loss, theta, X, y, reg=REG, inner_lr=50.0, maxiter=50)
 
 
 @pytest.mark.parametrize(
@@ -107,3 +107,16 @@ def test_bad_arguments(kwargs, data, match):
     theta = {"w": torch.zeros(D, dtype=DT), "b": torch.zeros((), dtype=DT)}
     with pytest.raises(ValueError, match=match):
         imaml_adapt(linear_loss, theta, *args, inner_lr=0.1, **kwargs)
+
+
+def test_each_task_stops_on_its_own():
+    # A task that converges is frozen while the others go on: its result is the same as when
+    # it is adapted alone (and so does not depend on when the loop reads the norms).
+    X, y = task_data(7)
+    theta = {"w": torch.zeros(D, dtype=DT), "b": torch.zeros((), dtype=DT)}
+    kw = dict(reg=REG, inner_lr=0.3, maxiter=5000, tol=1e-8)
+    together = imaml_adapt(linear_loss, theta, X, y, **kw)
+    for i in range(T):
+        alone = imaml_adapt(linear_loss, theta, X[i : i + 1], y[i : i + 1], **kw)
+        for key in ("w", "b"):
+            torch.testing.assert_close(together[key][i], alone[key][0], rtol=0, atol=0)

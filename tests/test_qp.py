@@ -12,12 +12,11 @@ from problems import random_qp
 
 from implicit_torch import projection as P
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning
-from implicit_torch.solvers.qp import (
-    QP,
-    EqualityConstrainedQP,
-    KKTSolution,
-    projection_polyhedron,
-)
+from implicit_torch.linear import LinearOperator
+from implicit_torch.projection import projection_polyhedron
+from implicit_torch.solvers import _kkt as kkt_module
+from implicit_torch.solvers._qp_data import _Data, _kkt_residual
+from implicit_torch.solvers.qp import QP, EqualityConstrainedQP, KKTLinearSolve, KKTSolution
 
 DT = torch.float64
 
@@ -235,6 +234,58 @@ def test_closed_form_kkt_solve_matches_generic_lu_and_forward_mode():
     t = torch.randn(2, 6, generator=gen(17), dtype=DT)
     _, x_dot = torch.func.jvp(x_of, (h,), (t,))
     torch.testing.assert_close((w * x_dot).sum(), (g_fast * t).sum(), atol=1e-9, rtol=1e-9)
+
+
+def bound_kkt_solve(seed, p=1):
+    """A KKTLinearSolve bound to the solution of a random batch, and the KKT residual there."""
+    Q, c, A, b, G, h = random_qp(seed, B=2, n=4, m=5, p=p)
+    A, b = (A, b) if p else (None, None)
+    solver = QP(tol=1e-12)
+    data = _Data(Q, c, A, b, G, h)
+    z, _, ipm = solver._solve(data, (Q, c, A, b, G, h))
+    kkt = solver.default_implicit_diff_solve()
+    kkt.bind(z, ipm)
+    return kkt, z, functools.partial(_kkt_residual, Q=Q, c=c, A=A, b=b, G=G, h=h)
+
+
+@pytest.mark.parametrize("p", [0, 1])
+def test_kkt_linear_solve_reads_the_operators_transposed_flag(p, monkeypatch):
+    kkt, z, F = bound_kkt_solve(30, p)
+    r = torch.randn(z.shape, generator=gen(31), dtype=DT)
+    _, vjp = torch.func.vjp(F, z)
+
+    def jvp(v):
+        return torch.func.jvp(F, (z,), (v,))[1]
+
+    def no_lu(*args, **kwargs):
+        raise AssertionError("the structured solve should not fall back to LU")
+
+    monkeypatch.setattr(kkt_module, "solve_lu", no_lu)
+    u = kkt(LinearOperator(lambda v: vjp(v)[0], batched=True, transposed=True), r)
+    torch.testing.assert_close(vjp(u)[0], r, atol=1e-10, rtol=1e-10)  # Jᵀ u = r
+    w = kkt(LinearOperator(jvp, batched=True, transposed=False), r)
+    torch.testing.assert_close(jvp(w), r, atol=1e-10, rtol=1e-10)  # J w = r
+    monkeypatch.undo()
+    # A plain function says nothing of which it applies: solved by LU on the function.
+    torch.testing.assert_close(vjp(kkt(lambda v: vjp(v)[0], r))[0], r, atol=1e-10, rtol=1e-10)
+
+
+def test_run_does_not_modify_the_solver_and_runs_keep_their_own_factorisation():
+    # One KKTLinearSolve passed by the user: each run still differentiates at its own solution,
+    # whatever the order of the backward passes.
+    Q, c, A, b, G, h = random_qp(32, B=2, n=4, m=5, p=1)
+    solver = QP(implicit_diff_solve=KKTLinearSolve())
+    before = repr(solver)
+    c1, c2 = leaves(c, 2 * c)
+    x1 = solver.run(None, (Q, c1), (A, b), (G, h)).params.primal
+    x2 = solver.run(None, (Q, c2), (A, b), (G, 0.5 * h)).params.primal
+    g1 = torch.autograd.grad(x1.sum(), c1)[0]
+    g2 = torch.autograd.grad(x2.sum(), c2)[0]
+    assert repr(solver) == before
+    for (cr, hr), g in (((c, h), g1), ((2 * c, 0.5 * h), g2)):
+        cr = leaves(cr)[0]
+        x = QP(implicit_diff_solve="lu").run(None, (Q, cr), (A, b), (G, hr)).params.primal
+        torch.testing.assert_close(g, torch.autograd.grad(x.sum(), cr)[0], atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("compute_dtype", [None, torch.float32])

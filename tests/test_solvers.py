@@ -9,6 +9,8 @@ from problems import regression_data as data
 
 import implicit_torch as it
 from implicit_torch import projection, prox
+from implicit_torch.adjoint import ImplicitAdjoint, UnrolledAdjoint
+from implicit_torch.solvers.qp import KKTLinearSolve
 
 
 def least_squares(w, X, y):
@@ -338,3 +340,34 @@ def test_update_and_init_state_step_by_step():
     torch.testing.assert_close(w1, w - 0.3 * (X.T @ (X @ w - y) + lam * w))
     torch.testing.assert_close(state.error, torch.linalg.vector_norm(X.T @ y))
     assert isinstance(solver.run(w, lam, X, y), it.OptStep)
+
+
+def test_default_linear_solver_and_adjoint_follow_the_fields():
+    def T(w, lam, X, y):
+        return w - 0.1 * (X.T @ (X @ w - y) + lam * w)
+
+    assert it.GradientDescent(ridge).default_implicit_diff_solve() == "cg"
+    assert it.LBFGS(ridge).default_implicit_diff_solve() == "cg"
+    assert it.FixedPointIteration(T).default_implicit_diff_solve() == "gmres"
+    assert it.ProximalGradient(least_squares).default_implicit_diff_solve() == "gmres"
+    assert it.EqualityConstrainedQP().default_implicit_diff_solve() == "lu"
+    assert isinstance(it.QP().default_implicit_diff_solve(), KKTLinearSolve)
+    assert it.GradientDescent(ridge).adjoint == ImplicitAdjoint(None)
+    assert it.GradientDescent(ridge, implicit_diff_solve="lu").adjoint == ImplicitAdjoint("lu")
+    for flags in (dict(unroll=True), dict(implicit_diff=False)):
+        assert it.GradientDescent(ridge, **flags).adjoint == UnrolledAdjoint()
+
+
+def test_tol_may_be_a_tensor():
+    # e.g. a tolerance relative to the data, or one per problem under vmap.
+    X, y = data(9)
+    lam = torch.full((6,), 0.2, dtype=DT)
+    tol = 1e-10 * torch.linalg.vector_norm(X.T @ y)
+    out = it.GradientDescent(ridge, stepsize=0.3, maxiter=3000, tol=tol).run(
+        torch.zeros(6, dtype=DT), lam, X, y
+    )
+    assert out.state.error <= tol
+    with pytest.warns(it.ConvergenceWarning, match="did not converge"):
+        it.GradientDescent(ridge, stepsize=0.3, maxiter=2, tol=tol).run(
+            torch.zeros(6, dtype=DT), lam, X, y
+        )

@@ -290,7 +290,7 @@ def test_bisection_bad_bracket_and_inputs():
         Bisection(lambda x: x.sum(), lower=torch.zeros(3) - 1, upper=torch.ones(3)).run()
     with pytest.raises(ValueError, match="lower must not exceed upper"):
         Bisection(lambda x: x, lower=1.0, upper=-1.0).run()
-    with pytest.raises(TypeError, match="init must be None or a floating-point tensor"):
+    with pytest.raises(TypeError, match="init_params must be None or a floating-point tensor"):
         Bisection(lambda x: x, lower=-1.0, upper=1.0).run([0.0])
     # check_bracket=False: no error, the iteration converges to an end instead.
     out = Bisection(

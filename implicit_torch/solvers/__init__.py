@@ -1,6 +1,6 @@
 """Solvers whose solutions are differentiable in their arguments (JAXopt's names and API).
 
-Each solver is a dataclass of hyperparameters with ``run(init, *args) -> OptStep(params,
+Each solver is a dataclass of hyperparameters with ``run(init_params, *args) -> OptStep(params,
 state)``, ``init_state``, ``update`` and ``optimality_fun``; see :mod:`.base` for the shared
 conventions (implicit differentiation by default, unrolling on request, convergence checks).
 """

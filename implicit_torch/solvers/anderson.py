@@ -53,8 +53,8 @@ class AndersonAcceleration(IterativeSolver):
     damped step ``x + β g``. The history is a shift register of fixed size, so an iteration has
     static shapes and no host synchronisation.
 
-    ``run(init, *args)``; differentiable in ``args`` through ``F = T − x`` (GMRES by default).
-    ``state.error = ‖T(x) − x‖``.
+    ``run(init_params, *args)``; differentiable in ``args`` through ``F = T − x`` (GMRES by
+    default). ``state.error = ‖T(x) − x‖``.
 
     Attributes:
         fixed_point_fun: ``T(x, *args)``, a pytree like ``x``.
@@ -71,10 +71,10 @@ class AndersonAcceleration(IterativeSolver):
     beta: float = 1.0
     ridge: float = 1e-5
 
-    def init_state(self, init: Any, *args: Any) -> AndersonState:
+    def init_state(self, init_params: Any, *args: Any) -> AndersonState:
         if self.history_size < 1 or self.mixing_frequency < 1:
             raise ValueError("history_size and mixing_frequency must be positive integers")
-        flat = _flat(init)
+        flat = _flat(init_params)
         m, kw = self.history_size, dict(dtype=flat.dtype, device=flat.device)
         return AndersonState(
             iter_num=torch.zeros((), dtype=torch.int64, device=flat.device),

@@ -2,42 +2,68 @@
 
 A solver is a dataclass of hyperparameters with JAXopt's methods:
 
-* ``init_state(init, *args) -> state`` and ``update(params, state, *args) -> OptStep``: one
+* ``init_state(init_params, *args) -> state`` and ``update(params, state, *args) -> OptStep``: one
   iteration, usable on their own;
 * ``optimality_fun(params, *args)``: the residual ``F`` that is zero at a solution;
-* ``run(init, *args) -> OptStep(params, state)``: iterate until ``state.error ≤ tol`` or
+* ``run(init_params, *args) -> OptStep(params, state)``: iterate until ``state.error ≤ tol`` or
   ``maxiter``, with ``params`` differentiable in ``args``.
 
-Differentiation. By default (``implicit_diff=True``) the loop runs under ``torch.no_grad``
-inside :func:`implicit_torch.implicit_solve` with ``optimality_fun``, so gradients come from the
-implicit function theorem at the returned point (Blondel et al., 2022) and cost one linear
-solve, whatever the number of iterations. With ``unroll=True`` (or ``implicit_diff=False``)
-the loop runs with autograd recording, and gradients are those of the iterations themselves;
-at convergence both agree, which is how the tests compare them.
+Differentiation. JAXopt's fields ``implicit_diff``, ``implicit_diff_solve`` and ``unroll``
+describe an adjoint (:func:`implicit_torch.adjoint.from_flags`). By default it is implicit: the
+loop runs under ``torch.no_grad`` and gradients come from the implicit function theorem applied
+to ``optimality_fun`` at the returned point (Blondel et al., 2022), one linear solve whatever
+the number of iterations. With ``unroll=True`` (or ``implicit_diff=False``) the loop runs with
+autograd recording and gradients are those of the iterations; at convergence both agree,
+which is how the tests compare them.
 
-Convergence checks. The loop reads ``state.error`` on the host only every ``check_every``
-iterations (by default every iteration on the CPU, every 10 on an accelerator, see
-:func:`implicit_torch._runtime.check_interval`); in between, a problem that has converged is
-frozen by ``torch.where`` masking, so the result does not depend on the interval. Under
-``torch.func.vmap`` or ``torch.compile`` no value can be read: all ``maxiter`` masked
-iterations run and failures are not reported.
+The linear solver of the implicit derivatives (``implicit_diff_solve=None``) is chosen by each
+solver class from the structure of its optimality condition (:meth:`IterativeSolver.
+default_implicit_diff_solve`):
+
+====================================================  ==========================================
+solver                                                default ``implicit_diff_solve``
+====================================================  ==========================================
+GradientDescent, LBFGS, GaussNewton,                  ``"cg"``: ``F = ∇ₓf``, so ``∂ₓF`` is the
+LevenbergMarquardt                                    symmetric Hessian
+FixedPointIteration, AndersonAcceleration, Broyden,   ``"gmres"``: a fixed point or root, whose
+ProximalGradient, ProjectedGradient, MirrorDescent,   Jacobian is not symmetric in general
+BlockCoordinateDescent
+Bisection                                             division by the diagonal of ``∂ₓF``
+                                                      (``F`` is element-wise)
+QP                                                    the KKT structure (``KKTLinearSolve``)
+====================================================  ==========================================
+
+Convergence checks. The loop is :func:`implicit_torch._loop.iterate`: ``state.error`` is read
+on the host only every ``check_every`` iterations (by default every iteration on the CPU, every
+10 on an accelerator); in between, a problem that has converged is frozen by ``torch.where``
+masking, so the result does not depend on the interval. Under ``torch.func.vmap`` or
+``torch.compile`` no value can be read: all ``maxiter`` masked iterations run and failures are
+not reported. Failures are reported by :func:`implicit_torch._result.report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from implicit_torch import _runtime
-from implicit_torch._errors import ConvergenceError, ConvergenceWarning
-from implicit_torch._implicit_diff import implicit_solve
+from implicit_torch._loop import Cadence, iterate
+from implicit_torch._result import (
+    DEFAULT_RTOL,
+    SolveInfo,
+    check_maxiter,
+    check_on_failure,
+    check_tolerances,
+    report,
+    status_codes,
+)
 from implicit_torch._tree import tree_detach, tree_flatten, tree_leaves, tree_unflatten, tree_where
+from implicit_torch.adjoint import Adjoint, from_flags
 
-__all__ = ["IterativeSolver", "OptStep"]
+__all__ = ["DiffFields", "IterativeSolver", "OptStep"]
 
 Solve = str | Callable[..., Any]
 
@@ -46,7 +72,7 @@ class OptStep(NamedTuple):
     """What ``run`` and ``update`` return.
 
     Attributes:
-        params: the solution (or the next iterate), a tensor or pytree like ``init``.
+        params: the solution (or the next iterate), a tensor or pytree like ``init_params``.
         state: the solver's state, a NamedTuple of tensors with at least ``iter_num``
             (iterations run, int64) and ``error`` (the solver's optimality error at the last
             iterate it measured).
@@ -57,43 +83,72 @@ class OptStep(NamedTuple):
 
 
 @dataclasses.dataclass(kw_only=True)
-class IterativeSolver:
-    """Base class: the hyperparameters every iterative solver shares, and ``run``.
+class DiffFields:
+    """JAXopt's public fields for how a solution is differentiated, and what to do on failure.
+
+    Shared by :class:`IterativeSolver` and the direct solvers (``EqualityConstrainedQP``); they
+    are turned into one :class:`~implicit_torch.adjoint.Adjoint` by :attr:`adjoint`.
 
     Attributes:
-        maxiter: maximum number of iterations.
-        tol: stop once ``state.error ≤ tol`` (each solver defines its error).
-        verbose: print the error at every host-side convergence check.
-        implicit_diff: differentiate ``run``'s solution by implicit differentiation of
-            ``optimality_fun``; if False, by unrolling the iterations.
+        implicit_diff: differentiate the solution by implicit differentiation of
+            ``optimality_fun``; if False, through the solver's own operations.
         implicit_diff_solve: the engine's linear solver for implicit differentiation: a name
             (``"cg"``, ``"gmres"``, ``"lu"``, ...) or a callable ``solve(matvec, b)``; None
-            picks the solver's default (``"cg"`` for a stationarity condition, whose Jacobian is
-            a symmetric Hessian; ``"gmres"`` for fixed points).
-        unroll: backpropagate through the iterations (overrides ``implicit_diff``); for
-            comparisons, and for problems whose optimality condition is not differentiable.
-        on_failure: if ``maxiter`` is reached with ``error > tol`` (or a NaN): ``"warn"`` with
-            :class:`~implicit_torch.ConvergenceWarning`, ``"raise"``
+            takes the solver's default (:meth:`default_implicit_diff_solve`).
+        unroll: backpropagate through the solver's operations (overrides ``implicit_diff``);
+            for comparisons, and for problems whose optimality condition is not
+            differentiable.
+        on_failure: when the solver does not meet its tolerance (or meets a NaN): ``"warn"``
+            with :class:`~implicit_torch.ConvergenceWarning`, ``"raise"``
             :class:`~implicit_torch.ConvergenceError`, or ``"ignore"``. The result is returned
-            either way with the state holding the error and the iteration count.
-        check_every: iterations between host-side convergence checks; None: 1 on the CPU, 10
-            on an accelerator.
+            either way, with a state that says how far it got.
     """
 
-    maxiter: int = 500
-    tol: float = 1e-3
-    verbose: bool = False
     implicit_diff: bool = True
     implicit_diff_solve: Solve | None = None
     unroll: bool = False
     on_failure: str = "warn"
-    check_every: int | None = None
 
-    default_diff_solve: ClassVar[str] = "gmres"
+    @property
+    def adjoint(self) -> Adjoint:
+        """The adjoint these fields describe (``unroll`` overrides ``implicit_diff``)."""
+        return from_flags(self.implicit_diff, self.implicit_diff_solve, self.unroll)
+
+    def default_implicit_diff_solve(self) -> Solve:
+        """The linear solver of the implicit derivatives when ``implicit_diff_solve`` is None.
+
+        GMRES here, which needs nothing of ``∂ₓF``; a solver whose optimality condition has
+        more structure (a symmetric Hessian, a diagonal, KKT blocks) overrides it, see the
+        table in :mod:`implicit_torch.solvers.base`.
+        """
+        return "gmres"
+
+
+@dataclasses.dataclass(kw_only=True)
+class IterativeSolver(DiffFields):
+    """Base class: the hyperparameters every iterative solver shares, and ``run``.
+
+    Attributes:
+        maxiter: maximum number of iterations.
+        tol: stop once ``state.error ≤ tol`` (each solver defines its error); a number, or a
+            0-d tensor (e.g. a tolerance relative to the data, or one per problem under
+            ``torch.func.vmap``). JAXopt's default, ``DEFAULT_RTOL["solver"]``.
+        verbose: print the error at every host-side convergence check.
+        check_every: iterations between host-side convergence checks; None: 1 on the CPU, 10
+            on an accelerator.
+        implicit_diff, implicit_diff_solve, unroll, on_failure: see :class:`DiffFields`; if
+            ``maxiter`` is reached with ``error > tol`` (or a NaN) the failure is reported as
+            ``on_failure`` says.
+    """
+
+    maxiter: int = 500
+    tol: Any = DEFAULT_RTOL["solver"][0]
+    verbose: bool = False
+    check_every: int | None = None
 
     # -- to be defined by each solver -----------------------------------------------------
 
-    def init_state(self, init: Any, *args: Any) -> Any:
+    def init_state(self, init_params: Any, *args: Any) -> Any:
         raise NotImplementedError
 
     def update(self, params: Any, state: Any, *args: Any) -> OptStep:
@@ -104,78 +159,87 @@ class IterativeSolver:
 
     # -- the driver -----------------------------------------------------------------------
 
-    def run(self, init: Any, *args: Any) -> OptStep:
-        """Iterate from ``init`` until ``state.error ≤ tol`` or ``maxiter`` iterations.
+    def run(self, init_params: Any, *args: Any) -> OptStep:
+        """Iterate from ``init_params`` until ``state.error ≤ tol`` or ``maxiter`` iterations.
 
         Returns:
             ``OptStep(params, state)``; ``params`` is differentiable in every tensor of
-            ``args`` (implicitly, or through the iterations with ``unroll=True``); ``init``
+            ``args`` (implicitly, or through the iterations with ``unroll=True``); ``init_params``
             never receives a gradient.
         """
         self._validate()
-        if self.unroll or not self.implicit_diff:
-            return OptStep(*self._iterate(tree_detach(init), args))
-        solve = self.implicit_diff_solve or self.default_diff_solve
-        params, state = implicit_solve(
-            lambda x0, *a: self._iterate(x0, a),
+        params, state = self.adjoint.apply(
+            self._iterate,
             self.optimality_fun,
-            init,
-            *args,
-            solve=solve,
+            init_params,
+            args,
             has_aux=True,
+            default_solve=self.default_implicit_diff_solve(),
+            check_root=False,  # the loop reports its own failures, once
         )
         return OptStep(params, state)
 
     def _validate(self) -> None:
-        if self.on_failure not in ("warn", "raise", "ignore"):
-            raise ValueError(
-                f"on_failure must be 'warn', 'raise' or 'ignore', got {self.on_failure!r}"
-            )
-        if self.maxiter < 0:
-            raise ValueError(f"maxiter must be non-negative, got {self.maxiter}")
-        if self.check_every is not None and self.check_every < 1:
-            raise ValueError(f"check_every must be a positive integer, got {self.check_every}")
+        check_on_failure(self.on_failure)
+        check_maxiter(self.maxiter)
+        if not isinstance(self.tol, torch.Tensor):
+            check_tolerances(self.tol)
 
-    def _iterate(self, init: Any, args: tuple) -> tuple[Any, Any]:
-        params = init
-        state = self.init_state(init, *args)
-        inspect = _runtime.can_inspect_values()
-        device = tree_leaves(init)[0].device
-        interval = self.check_every or _runtime.check_interval(device)
+    def _iterate(self, init_params: Any, *args: Any) -> tuple[Any, Any]:
+        """The forward solve: ``(params, state)`` after the loop, failures reported."""
+        cadence = Cadence(tree_leaves(init_params)[0].device, check_every=self.check_every)
         # With a check before every iteration, an iteration only runs while the problem is
         # active, so no masking is needed.
-        masked = not (inspect and interval == 1)
-        for k in range(self.maxiter):
-            if inspect and k % interval == 0:
-                if self.verbose:
-                    error = float(state.error.detach())
-                    print(f"{type(self).__name__} iteration {k}: error {error:.3e}")
-                if not bool(state.error > self.tol):  # converged (or NaN: stop too)
-                    break
+        masked = not cadence.every_step
+
+        def step(carry):
+            params, state = carry
             new_params, new_state = self.update(params, state, *args)
             if masked:
-                active = state.error > self.tol
+                active = self._active(state)
                 new_params = tree_where(active, new_params, params)
                 new_state = tree_where(active, new_state, state)
-            params, state = new_params, new_state
-        if inspect and self.on_failure != "ignore":
+            return new_params, new_state
+
+        (params, state), _ = iterate(
+            step,
+            (init_params, self.init_state(init_params, *args)),
+            active=lambda carry: self._active(carry[1]),
+            maxiter=self.maxiter,
+            cadence=cadence,
+            on_check=self._print if self.verbose else None,
+        )
+        if cadence.inspect:
             self._report(state)
         return params, state
 
+    def _active(self, state: Any) -> torch.Tensor:
+        # A NaN error compares False: the loop stops, and the report says why.
+        return state.error > self.tol
+
+    def _print(self, k: int, carry: tuple) -> None:
+        error = float(carry[1].error.detach())
+        print(f"{type(self).__name__} iteration {k}: error {error:.3e}")
+
     def _report(self, state: Any) -> None:
-        error = float(state.error.detach())
-        if error <= self.tol:
-            return
-        iters = int(state.iter_num.detach())
-        msg = (
-            f"implicit_torch: {type(self).__name__} did not converge: error {error:.3e} > "
-            f"tol={self.tol:g} after {iters} iterations (maxiter={self.maxiter})."
-            f" The solution, and any gradient computed from it, is inaccurate: raise maxiter, "
-            f"loosen tol or adjust the step size."
+        error = state.error.detach()
+        converged = error <= self.tol
+        info = SolveInfo(
+            iterations=state.iter_num,
+            residual_norm=error,
+            converged=converged,
+            status=status_codes(converged, error),
+            method=type(self).__name__,
+            target=torch.as_tensor(self.tol).detach(),
         )
-        if self.on_failure == "raise":
-            raise ConvergenceError(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+        report(
+            type(self).__name__,
+            info,
+            self.on_failure,
+            target=None if isinstance(self.tol, torch.Tensor) else f"tol={self.tol:g}",
+            maxiter=self.maxiter,
+            fix="raise maxiter, loosen tol or adjust the step size.",
+        )
 
 
 def value_and_grad(fun: Callable[..., torch.Tensor], x: Any, *args: Any) -> tuple[Any, Any]:

@@ -56,13 +56,12 @@ class Bisection(IterativeSolver):
     tolerance applies to each root). Whether ``F`` increases or decreases is given by
     ``increasing`` or read from its values at ``lower`` and ``upper``, per element.
 
-    ``run(init=None, *args)``; ``init`` is only used for its shape, dtype and device (the
-    iteration starts from the bracket); with None these come from ``lower``, ``upper`` and
-    ``F(lower)``. The roots are differentiable in ``args`` by the implicit function theorem
-    applied element-wise, ``∂xᵢ/∂θ = −(∂F_i/∂x_i)⁻¹ ∂F_i/∂θ``: the default linear solver
-    divides by the diagonal of ``∂ₓF`` (set ``implicit_diff_solve`` for an ``F`` whose Jacobian
-    is not diagonal). Unrolling gives no gradient in ``args`` (the midpoints depend on them
-    only through comparisons).
+    ``run(init_params=None, *args)``; ``init_params`` is only used for its shape, dtype and device
+    (the iteration starts from the bracket); with None these come from ``lower``, ``upper`` and
+    ``F(lower)``. The roots are differentiable in ``args`` by the implicit function theorem applied
+    element-wise, ``∂xᵢ/∂θ = −(∂F_i/∂x_i)⁻¹ ∂F_i/∂θ``: the default linear solver divides by the
+    diagonal of ``∂ₓF`` (set ``implicit_diff_solve`` for an ``F`` whose Jacobian is not diagonal).
+    Unrolling gives no gradient in ``args`` (the midpoints depend on them only through comparisons).
 
     Example (the simplex projection ``max(z − τ, 0)``, ``τ`` the root of ``Σ max(z − τ, 0) =
     1``)::
@@ -90,20 +89,21 @@ class Bisection(IterativeSolver):
     maxiter: int = dataclasses.field(default=30, kw_only=True)
     tol: float = dataclasses.field(default=1e-5, kw_only=True)
 
-    def run(self, init: Any = None, *args: Any) -> OptStep:
+    def run(self, init_params: Any = None, *args: Any) -> OptStep:
         """Find the roots; see :meth:`IterativeSolver.run`."""
-        if init is None:
-            init = self._bracket(None, args)[0]
-        elif not (isinstance(init, Tensor) and init.is_floating_point()):
+        if init_params is None:
+            init_params = self._bracket(None, args)[0]
+        elif not (isinstance(init_params, Tensor) and init_params.is_floating_point()):
             raise TypeError(
-                "Bisection: init must be None or a floating-point tensor, got "
-                f"{type(init).__name__}"
+                "Bisection: init_params must be None or a floating-point tensor, got "
+                f"{type(init_params).__name__}"
             )
-        if self.implicit_diff_solve is None and not self.unroll and self.implicit_diff:
-            # The Jacobian of an element-wise F is diagonal: one matvec gives it.
-            solver = dataclasses.replace(self, implicit_diff_solve=_elementwise_solve)
-            return IterativeSolver.run(solver, init, *args)
-        return super().run(init, *args)
+        return super().run(init_params, *args)
+
+    def default_implicit_diff_solve(self) -> Any:
+        """Division by the diagonal of ``∂ₓF``: ``F`` is element-wise, so one matvec gives
+        its Jacobian."""
+        return _elementwise_solve
 
     def _bracket(self, like: Tensor | None, args: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(low, high, F(low), F(high))`` broadcast to the roots' shape."""
@@ -136,9 +136,9 @@ class Bisection(IterativeSolver):
             )
         return out
 
-    def init_state(self, init: Any, *args: Any) -> BisectionState:
-        """The bracket ``[lower, upper]`` broadcast to ``init``'s shape, checked."""
-        low, high, f_low, f_high = self._bracket(init, args)
+    def init_state(self, init_params: Any, *args: Any) -> BisectionState:
+        """The bracket ``[lower, upper]`` broadcast to ``init_params``'s shape, checked."""
+        low, high, f_low, f_high = self._bracket(init_params, args)
         if f_low.shape != low.shape:
             raise ValueError(
                 f"Bisection: optimality_fun must return one value per root (shape "

@@ -1,8 +1,9 @@
 """Block coordinate descent for composite problems with a block-separable non-smooth part.
 
 Minimises ``fun(W, *args) + Σ_j g(W[j], hyperparams_prox)`` where ``fun`` is a
-:class:`~implicit_torch.objective.CompositeLinearFunction`, ``fun(W) = subfun(A W + c) +
-⟨b, W⟩``, and ``g`` is given by its proximal operator ``block_prox``. The blocks are the
+:class:`CompositeLinearFunction`, ``fun(W) = subfun(A W + c) + ⟨b, W⟩`` (defined here, with
+the solver that exploits it; :mod:`implicit_torch.objective` builds the usual ones and
+re-exports it), and ``g`` is given by its proximal operator ``block_prox``. The blocks are the
 entries of a vector ``W`` of shape ``(d,)`` or the rows of a matrix ``W`` of shape ``(d, k)``,
 visited cyclically; block ``j`` takes one proximal-gradient step with its own step
 ``1 / L_j``, ``L_j = L_sub ‖A[:, j]‖²`` (Tseng & Yun, 2009; Friedman et al., 2010 for the
@@ -22,12 +23,106 @@ from typing import Any, NamedTuple
 import torch
 
 from implicit_torch import _runtime
-from implicit_torch.objective import CompositeLinearFunction
 from implicit_torch.solvers.base import IterativeSolver, OptStep
 
-__all__ = ["BlockCoordinateDescent", "BlockCoordinateDescentState", "make_block_prox_grad_fun"]
+__all__ = [
+    "BlockCoordinateDescent",
+    "BlockCoordinateDescentState",
+    "CompositeLinearFunction",
+    "make_block_prox_grad_fun",
+]
 
 Tensor = torch.Tensor
+
+
+class CompositeLinearFunction:
+    """``f(W, *args) = subfun(A W + c, *args) + ⟨b, W⟩``: a smooth outer function of an affine
+    map of ``W``, plus a linear term.
+
+    Shapes: ``A`` is ``(m, d)``; ``W`` is ``(d,)`` or ``(d, k)``; the predictions
+    ``z = A W + c`` are ``(m,)`` or ``(m, k)``; ``b`` is shaped like ``W``. Block ``j`` of ``W``
+    (its entry or row ``j``) enters ``z`` only through column ``A[:, j]``, so
+    ``∂f/∂W[j] = A[:, j]ᵀ ∇subfun(z) + b[j]`` and the block's gradient is Lipschitz with
+    constant ``L_sub · ‖A[:, j]‖²`` when ``∇subfun`` is ``L_sub``-Lipschitz.
+
+    Args:
+        subfun: ``subfun(z, *args)``, a scalar tensor.
+        linear_op: ``linear_op(*args) -> A``.
+        offset: ``offset(*args) -> c`` (broadcastable to ``z``), or None for ``c = 0``.
+        linear_term: ``linear_term(*args) -> b``, or None for ``b = 0``.
+        subfun_grad: ``subfun_grad(z, *args) -> ∇subfun(z)`` in closed form; None: autograd.
+        subfun_lipschitz: ``subfun_lipschitz(*args) -> L_sub`` (number or 0-d tensor).
+        predictions_fun: ``predictions_fun(W, *args) -> A W + c`` computed more cheaply than
+            by forming ``c`` (e.g. ``A (W − W₀)``); None: ``linear_op(*args) @ W + c``.
+        name: the objective's name (``__name__``).
+    """
+
+    def __init__(
+        self,
+        subfun: Callable[..., Tensor],
+        linear_op: Callable[..., Tensor],
+        *,
+        offset: Callable[..., Tensor] | None = None,
+        linear_term: Callable[..., Tensor] | None = None,
+        subfun_grad: Callable[..., Tensor] | None = None,
+        subfun_lipschitz: Callable[..., Any] | None = None,
+        predictions_fun: Callable[..., Tensor] | None = None,
+        name: str = "composite_linear_function",
+        doc: str | None = None,
+    ):
+        self.subfun = subfun
+        self.linear_op = linear_op
+        self.offset = offset
+        self.linear_term = linear_term
+        self._subfun_grad = subfun_grad
+        self.subfun_lipschitz = subfun_lipschitz
+        self._predictions_fun = predictions_fun
+        self.__name__ = name
+        self.__doc__ = doc
+
+    def __repr__(self) -> str:
+        return f"<CompositeLinearFunction {self.__name__}>"
+
+    def predictions(self, W: Tensor, *args: Any) -> Tensor:
+        """``z = A W + c``, shape ``(m,)`` or ``(m, k)``."""
+        if self._predictions_fun is not None:
+            return self._predictions_fun(W, *args)
+        z = self.linear_op(*args) @ W
+        return z if self.offset is None else z + self.offset(*args)
+
+    def subfun_grad(self, z: Tensor, *args: Any) -> Tensor:
+        """``∇subfun(z, *args)``, shaped like ``z`` (closed form when given, else autograd)."""
+        if self._subfun_grad is not None:
+            return self._subfun_grad(z, *args)
+        return torch.func.grad(self.subfun)(z, *args)
+
+    def columnwise_lipschitz_const(self, *args: Any) -> Tensor:
+        """``L_sub · ‖A[:, j]‖²`` for every ``j``, shape ``(d,)``: the Lipschitz constants of the
+        block gradients ``∂f/∂W[j]``."""
+        if self.subfun_lipschitz is None:
+            raise ValueError(f"{self.__name__} does not define subfun_lipschitz")
+        A = self.linear_op(*args)
+        return self.subfun_lipschitz(*args) * (A * A).sum(0)
+
+    def __call__(self, W: Tensor, *args: Any) -> Tensor:
+        value = self.subfun(self.predictions(W, *args), *args)
+        if self.linear_term is not None:
+            value = value + (self.linear_term(*args) * W).sum()
+        return value
+
+    def value_and_grad(self, W: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+        """``(f(W, *args), ∇_W f(W, *args))`` with ``∇_W f = Aᵀ ∇subfun(A W + c) + b``: the
+        form solvers take with ``value_and_grad=True``, one product with ``A`` each way and no
+        autograd pass (the closed-form ``subfun_grad`` when given). Differentiable in ``W`` and
+        ``args``."""
+        z = self.predictions(W, *args)
+        value = self.subfun(z, *args)
+        grad = self.linear_op(*args).mT @ self.subfun_grad(z, *args)
+        if self.linear_term is not None:
+            b = self.linear_term(*args)
+            value = value + (b * W).sum()
+            grad = grad + b
+        return value, grad
 
 
 def _rowwise(block_prox: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,7 +183,7 @@ class BlockCoordinateDescent(IterativeSolver):
     ``W[j] ← block_prox(W[j] − ∂_j fun(W) / L_j, hyperparams_prox, 1 / L_j)`` with
     ``∂_j fun(W) = A[:, j]ᵀ ∇subfun(z) + b[j]`` and ``z ← z + A[:, j] ⊗ (W⁺[j] − W[j])``.
 
-    ``run(init, hyperparams_prox, *args)``; the solution is differentiable in
+    ``run(init_params, hyperparams_prox, *args)``; the solution is differentiable in
     ``hyperparams_prox`` and ``args`` through the fixed point of
     :func:`make_block_prox_grad_fun` with ``η = 1 / max_j L_j``.
 
@@ -99,7 +194,7 @@ class BlockCoordinateDescent(IterativeSolver):
         w = solver.run(torch.zeros(d), l1reg, (X, y)).params
 
     Attributes:
-        fun: a :class:`~implicit_torch.objective.CompositeLinearFunction` with
+        fun: a :class:`CompositeLinearFunction` with
             ``subfun_lipschitz`` (e.g. :data:`~implicit_torch.objective.least_squares`,
             :data:`~implicit_torch.objective.binary_logistic_regression`,
             :data:`~implicit_torch.objective.multiclass_logistic_regression`,
@@ -127,13 +222,13 @@ class BlockCoordinateDescent(IterativeSolver):
         return torch.where(L > 0, L, torch.ones_like(L))
 
     def init_state(
-        self, init: Tensor, hyperparams_prox: Any = None, *args: Any
+        self, init_params: Tensor, hyperparams_prox: Any = None, *args: Any
     ) -> BlockCoordinateDescentState:
         self._check_fun()
         return BlockCoordinateDescentState(
-            iter_num=torch.zeros((), dtype=torch.int64, device=init.device),
-            error=torch.tensor(math.inf, dtype=init.dtype, device=init.device),
-            predictions=self.fun.predictions(init, *args),
+            iter_num=torch.zeros((), dtype=torch.int64, device=init_params.device),
+            error=torch.tensor(math.inf, dtype=init_params.dtype, device=init_params.device),
+            predictions=self.fun.predictions(init_params, *args),
         )
 
     def update(
@@ -180,7 +275,7 @@ class BlockCoordinateDescent(IterativeSolver):
         F = make_block_prox_grad_fun(self.fun, self.block_prox, eta)
         return F(params, hyperparams_prox, *args)
 
-    def run(self, init: Tensor, hyperparams_prox: Any = None, *args: Any) -> OptStep:
-        """Solve from ``init``; see :meth:`IterativeSolver.run`."""
+    def run(self, init_params: Tensor, hyperparams_prox: Any = None, *args: Any) -> OptStep:
+        """Solve from ``init_params``; see :meth:`IterativeSolver.run`."""
         self._check_fun()
-        return super().run(init, hyperparams_prox, *args)
+        return super().run(init_params, hyperparams_prox, *args)

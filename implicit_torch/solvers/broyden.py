@@ -47,7 +47,7 @@ class Broyden(IterativeSolver):
         ``H⁺ = H + (s − H y) sᵀH / (sᵀ H y)``
 
     (Sherman–Morrison applied to the good-Broyden update ``J⁺ = J + (y − J s) sᵀ / sᵀs``),
-    skipped when ``|sᵀHy|`` is negligible. ``H₀`` is ``(∂ₓF(init))⁻¹`` formed by
+    skipped when ``|sᵀHy|`` is negligible. ``H₀`` is ``(∂ₓF(init_params))⁻¹`` formed by
     ``torch.func.jacrev`` (``N`` reverse passes, vectorised; a pseudo-inverse if singular) when
     ``jacobian_init`` is None, or ``I / jacobian_init`` for a number (e.g. ``-1`` for a
     fixed-point residual ``F = T − x`` with a contractive ``T``). ``H`` is dense, ``N × N``: for
@@ -56,13 +56,13 @@ class Broyden(IterativeSolver):
     terms, ``O(m N)`` memory; once they are all used, the oldest term is overwritten. No line
     search.
 
-    ``run(init, *args)``; ``init`` a tensor or pytree; ``F`` returns a pytree like ``x``. The
-    solution is differentiable in ``args`` through ``F`` itself (default linear solver GMRES).
-    ``state.error = ‖F(x)‖`` at the returned iterate.
+    ``run(init_params, *args)``; ``init_params`` a tensor or pytree; ``F`` returns a pytree like
+    ``x``. The solution is differentiable in ``args`` through ``F`` itself (default linear solver
+    GMRES). ``state.error = ‖F(x)‖`` at the returned iterate.
 
     Attributes:
         fun: ``F(x, *args)``, a pytree with the structure and shapes of ``x``.
-        jacobian_init: None (the exact Jacobian at ``init``) or a nonzero number ``a``
+        jacobian_init: None (the exact Jacobian at ``init_params``) or a nonzero number ``a``
             (``J₀ = a I``).
         stepsize: scaling of the quasi-Newton step (1: full step).
         memory_size: None (dense ``H``) or the number ``m`` of rank-one terms kept (needs a
@@ -82,8 +82,8 @@ class Broyden(IterativeSolver):
 
         return flat
 
-    def init_state(self, init: Any, *args: Any) -> BroydenState:
-        """Evaluates ``F(init)`` and forms ``H₀``."""
+    def init_state(self, init_params: Any, *args: Any) -> BroydenState:
+        """Evaluates ``F(init_params)`` and forms ``H₀``."""
         if self.jacobian_init is not None and self.jacobian_init == 0:
             raise ValueError("jacobian_init must be None or a nonzero number")
         if not self.stepsize > 0:
@@ -93,10 +93,10 @@ class Broyden(IterativeSolver):
                 "memory_size must be a positive integer, and needs a number jacobian_init "
                 f"(got memory_size={self.memory_size}, jacobian_init={self.jacobian_init})"
             )
-        raveler = Raveler(init, batched=False, what="init")
-        if not all(isinstance(v, Tensor) for v in tree_leaves(init)):
-            raise TypeError("init must be a tensor or a pytree of tensors")
-        x = raveler.ravel(init).reshape(-1)
+        raveler = Raveler(init_params, batched=False, what="init_params")
+        if not all(isinstance(v, Tensor) for v in tree_leaves(init_params)):
+            raise TypeError("init_params must be a tensor or a pytree of tensors")
+        x = raveler.ravel(init_params).reshape(-1)
         flat = self._flat_fun(raveler, args)
         value = flat(x)
         n = x.numel()

@@ -32,8 +32,8 @@ class FixedPointState(NamedTuple):
 class FixedPointIteration(IterativeSolver):
     """Fixed-point iteration (Picard / Banach): ``x⁺ = T(x, *args)``.
 
-    Converges linearly when ``T`` is a contraction in ``x``. ``run(init, *args)``; the solution
-    is differentiable in ``args`` through ``F = T − x`` (default linear solver GMRES, since
+    Converges linearly when ``T`` is a contraction in ``x``. ``run(init_params, *args)``; the
+    solution is differentiable in ``args`` through ``F = T − x`` (default linear solver GMRES, since
     ``∂ₓT − I`` is not symmetric in general). ``state.error = ‖T(x) − x‖``.
 
     Attributes:
@@ -43,8 +43,8 @@ class FixedPointIteration(IterativeSolver):
 
     fixed_point_fun: Callable[..., Any]
 
-    def init_state(self, init: Any, *args: Any) -> FixedPointState:
-        leaf = tree_leaves(init)[0]
+    def init_state(self, init_params: Any, *args: Any) -> FixedPointState:
+        leaf = tree_leaves(init_params)[0]
         return FixedPointState(
             iter_num=torch.zeros((), dtype=torch.int64, device=leaf.device),
             error=torch.tensor(math.inf, dtype=leaf.dtype, device=leaf.device),

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from implicit_torch import _runtime
-from implicit_torch import linear_solve as _linear_solve
 from implicit_torch._tree import Raveler, tree_leaves
+from implicit_torch.linear import LinearOperator, get_solver, is_builtin
 from implicit_torch.optimality import make_stationarity_fun
 from implicit_torch.solvers.base import IterativeSolver, OptStep
 
@@ -56,14 +56,15 @@ class _Linearization:
     def vjp(self, u: Tensor) -> Tensor:
         return self._vjp(u)[0]
 
-    def normal_matvec(self, damping: Any = None) -> Callable[[Tensor], Tensor]:
-        """``v ↦ JᵀJ v (+ damping · v)``."""
+    def normal_operator(self, damping: Any = None) -> LinearOperator:
+        """``v ↦ JᵀJ v (+ damping · v)``, symmetric (positive definite for ``J`` of full
+        column rank or a positive damping), so CG and Cholesky apply."""
 
         def matvec(v: Tensor) -> Tensor:
             out = self.vjp(self.jvp(v))
             return out if damping is None else out + damping * v
 
-        return matvec
+        return LinearOperator(matvec, symmetric=True)
 
 
 def _ravel_residual(r: Any) -> Tensor:
@@ -76,13 +77,13 @@ def _ravel_residual(r: Any) -> Tensor:
     return torch.cat([v.reshape(-1) for v in leaves]) if len(leaves) > 1 else leaves[0].reshape(-1)
 
 
-def _solve(solver: Any, matvec: Callable[[Tensor], Tensor], b: Tensor) -> Tensor:
+def _solve(solver: Any, operator: LinearOperator, b: Tensor) -> Tensor:
     """``A⁻¹ b`` with one of the package's linear solvers (a name or a callable)."""
-    solve = _linear_solve.get_solver(solver)
-    if _linear_solve.is_builtin(solve):
+    solve = get_solver(solver)
+    if is_builtin(solve):
         # The outer iteration reports failure; an inexact inner solve only slows it.
-        return solve(matvec, b, on_failure="ignore")
-    return solve(matvec, b)
+        return solve(operator, b, on_failure="ignore")
+    return solve(operator, b)
 
 
 def _least_squares_objective(residual_fun: Callable[..., Any]) -> Callable[..., Tensor]:
@@ -100,15 +101,15 @@ class GaussNewton(IterativeSolver):
     (Nocedal & Wright, 2006, §10.3). ``JᵀJ`` is applied matrix-free (``v ↦ Jᵀ(J v)``, one
     ``torch.func.jvp`` and one vjp); ``solver`` chooses the linear solver: ``"cholesky"`` (the
     default: forms the ``N × N`` matrix with ``N`` vmapped matvecs, exact), ``"cg"``
-    (matrix-free), any other name of :mod:`implicit_torch.linear_solve` or a callable
+    (matrix-free), any other name of :mod:`implicit_torch.linear` or a callable
     ``solve(matvec, b)``. ``J`` needs full column rank; otherwise use
     :class:`~implicit_torch.solvers.levenberg_marquardt.LevenbergMarquardt`.
 
-    ``run(init, *args)``; ``init`` a tensor or pytree (flattened internally; ``r`` may be a
-    pytree too). The solution is differentiable in ``args`` through the stationarity condition
-    ``Jᵀr = ∇ₓ ½‖r‖² = 0`` (default linear solver CG: its Jacobian, the Hessian
-    ``JᵀJ + Σᵢ rᵢ ∇²rᵢ``, is symmetric). ``state.error = ‖Jᵀr‖`` at the iterate the last step was
-    taken from (as for :class:`GradientDescent`).
+    ``run(init_params, *args)``; ``init_params`` a tensor or pytree (flattened internally; ``r`` may
+    be a pytree too). The solution is differentiable in ``args`` through the stationarity condition
+    ``Jᵀr = ∇ₓ ½‖r‖² = 0`` (default linear solver CG: its Jacobian, the Hessian ``JᵀJ + Σᵢ rᵢ
+    ∇²rᵢ``, is symmetric). ``state.error = ‖Jᵀr‖`` at the iterate the last step was taken from (as
+    for :class:`GradientDescent`).
 
     Attributes:
         residual_fun: ``r(x, *args)``, a tensor or pytree of tensors (any shapes).
@@ -121,13 +122,15 @@ class GaussNewton(IterativeSolver):
     solver: str | Callable[..., Any] = "cholesky"
     stepsize: float = 1.0
 
-    default_diff_solve: ClassVar[str] = "cg"
+    def default_implicit_diff_solve(self) -> str:
+        """CG: ``∂ₓF`` is the Hessian of ``½‖r‖²``, symmetric."""
+        return "cg"
 
-    def init_state(self, init: Any, *args: Any) -> GaussNewtonState:
+    def init_state(self, init_params: Any, *args: Any) -> GaussNewtonState:
         if not self.stepsize > 0:
             raise ValueError(f"stepsize must be positive, got {self.stepsize}")
-        _linear_solve.get_solver(self.solver)  # a clear error for an unknown name
-        leaf = Raveler(init, batched=False, what="init").ravel(init)
+        get_solver(self.solver)  # a clear error for an unknown name
+        leaf = Raveler(init_params, batched=False, what="init_params").ravel(init_params)
         return GaussNewtonState(
             iter_num=torch.zeros((), dtype=torch.int64, device=leaf.device),
             value=torch.tensor(math.inf, dtype=leaf.dtype, device=leaf.device),
@@ -137,7 +140,7 @@ class GaussNewton(IterativeSolver):
     def update(self, params: Any, state: GaussNewtonState, *args: Any) -> OptStep:
         """One Gauss–Newton step."""
         lin = _Linearization(self.residual_fun, params, args)
-        delta = _solve(self.solver, lin.normal_matvec(), -lin.grad)
+        delta = _solve(self.solver, lin.normal_operator(), -lin.grad)
         x_new = lin.x + self.stepsize * delta
         new_state = GaussNewtonState(
             iter_num=state.iter_num + 1,

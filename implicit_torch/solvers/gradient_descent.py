@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -25,7 +25,7 @@ class GradientDescent(_ProximalGradientBase):
     but differentiated through the stationarity condition ``∇ₓfun(x*, *args) = 0``, whose
     Jacobian is the symmetric Hessian: the default linear solver is CG.
 
-    ``run(init, *args)``; ``state.error = ‖∇fun(y)‖`` at the last gradient evaluation.
+    ``run(init_params, *args)``; ``state.error = ‖∇fun(y)‖`` at the last gradient evaluation.
 
     Attributes:
         fun: ``fun(x, *args)``, a scalar tensor; ``x`` a tensor or pytree.
@@ -36,13 +36,15 @@ class GradientDescent(_ProximalGradientBase):
 
     fun: Callable[..., torch.Tensor]
 
-    default_diff_solve: ClassVar[str] = "cg"
+    def default_implicit_diff_solve(self) -> str:
+        """CG: ``∂ₓF`` is the Hessian of ``fun``, symmetric."""
+        return "cg"
 
     def _prox(self, v, hyperparams, eta):
         return v
 
-    def init_state(self, init: Any, *args: Any) -> ProxGradState:
-        return self._init(init)
+    def init_state(self, init_params: Any, *args: Any) -> ProxGradState:
+        return self._init(init_params)
 
     def update(self, params: Any, state: ProxGradState, *args: Any) -> OptStep:
         """One (accelerated) gradient step."""

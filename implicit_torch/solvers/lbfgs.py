@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from implicit_torch import _runtime
+from implicit_torch._loop import Cadence
 from implicit_torch._tree import Raveler
 from implicit_torch.optimality import make_stationarity_fun
 from implicit_torch.solvers.base import IterativeSolver, OptStep, objective_value_and_grad
@@ -73,10 +73,10 @@ class LBFGS(IterativeSolver):
     ``torch.where`` state machines with ``maxls`` trials (on the CPU outside transforms they
     stop at the first accepted trial).
 
-    ``run(init, *args)``; ``init`` a tensor or pytree (flattened internally, so leaves may
-    have any shapes; one problem, not batched). The solution is differentiable in ``args``
-    through the stationarity condition ``∇ₓfun(x*, *args) = 0`` (default linear solver CG,
-    the Hessian being symmetric). ``state.error = ‖∇fun(x)‖`` at the returned iterate.
+    ``run(init_params, *args)``; ``init_params`` a tensor or pytree (flattened internally, so leaves
+    may have any shapes; one problem, not batched). The solution is differentiable in ``args``
+    through the stationarity condition ``∇ₓfun(x*, *args) = 0`` (default linear solver CG, the
+    Hessian being symmetric). ``state.error = ‖∇fun(x)‖`` at the returned iterate.
 
     Attributes:
         fun: ``fun(x, *args)``, a scalar (0-d) tensor.
@@ -106,7 +106,9 @@ class LBFGS(IterativeSolver):
     c2: float = 0.9
     value_and_grad: bool = False
 
-    default_diff_solve: ClassVar[str] = "cg"
+    def default_implicit_diff_solve(self) -> str:
+        """CG: ``∂ₓF`` is the Hessian of ``fun``, symmetric."""
+        return "cg"
 
     def _check(self) -> None:
         if self.history_size < 1:
@@ -123,11 +125,11 @@ class LBFGS(IterativeSolver):
             if not 0 < self.c1 < self.c2 < 1:
                 raise ValueError(f"need 0 < c1 < c2 < 1, got c1={self.c1}, c2={self.c2}")
 
-    def init_state(self, init: Any, *args: Any) -> LbfgsState:
-        """Evaluates ``fun`` and its gradient at ``init``; an empty history."""
+    def init_state(self, init_params: Any, *args: Any) -> LbfgsState:
+        """Evaluates ``fun`` and its gradient at ``init_params``; an empty history."""
         self._check()
-        raveler = Raveler(init, batched=False, what="init")
-        value, grad = self._value_and_grad(init, args)
+        raveler = Raveler(init_params, batched=False, what="init_params")
+        value, grad = self._value_and_grad(init_params, args)
         g = raveler.ravel(grad).reshape(-1)
         m, n = self.history_size, g.numel()
         kw = dict(dtype=g.dtype, device=g.device)
@@ -198,7 +200,7 @@ class LBFGS(IterativeSolver):
     def _backtracking(self, evaluate, f0: Tensor, slope: Tensor, d: Tensor):
         """Backtracking from ``max_stepsize``; returns ``(t, x_t, f_t, g_t, accepted)`` for the
         first accepted trial (the last trial if none is)."""
-        stop_early = _runtime.can_inspect_values(f0) and _runtime.check_interval(f0.device) == 1
+        stop_early = Cadence(f0.device, f0).every_step
         # Near a minimum the decrease of fun falls below its float resolution.
         slack = 10 * torch.finfo(f0.dtype).eps * f0.abs()
         accepted = torch.zeros((), dtype=torch.bool, device=f0.device)
@@ -231,7 +233,7 @@ class LBFGS(IterativeSolver):
         run under transforms and on accelerators; on the CPU the search stops once it
         succeeds.
         """
-        stop_early = _runtime.can_inspect_values(f0) and _runtime.check_interval(f0.device) == 1
+        stop_early = Cadence(f0.device, f0).every_step
         slack = 10 * torch.finfo(f0.dtype).eps * f0.abs()
         zero = torch.zeros_like(f0)
         false = torch.zeros((), dtype=torch.bool, device=f0.device)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from implicit_torch import linear_solve as _linear_solve
 from implicit_torch._tree import Raveler
+from implicit_torch.linear import get_solver
 from implicit_torch.optimality import make_stationarity_fun
 from implicit_torch.solvers.base import IterativeSolver, OptStep
 from implicit_torch.solvers.gauss_newton import (
@@ -58,8 +58,8 @@ class LevenbergMarquardt(IterativeSolver):
     host synchronisation. ``JᵀJ + μ I`` is applied matrix-free; ``solver`` is as in
     :class:`~implicit_torch.solvers.gauss_newton.GaussNewton` (default ``"cholesky"``).
 
-    ``run(init, *args)``; ``init`` a tensor or pytree. The solution is differentiable in
-    ``args`` through the stationarity condition ``Jᵀr = 0`` (default linear solver CG).
+    ``run(init_params, *args)``; ``init_params`` a tensor or pytree. The solution is differentiable
+    in ``args`` through the stationarity condition ``Jᵀr = 0`` (default linear solver CG).
     ``state.error = ‖Jᵀr‖`` at the iterate the last step was tried from.
 
     Attributes:
@@ -73,13 +73,15 @@ class LevenbergMarquardt(IterativeSolver):
     damping_parameter: float = 1e-3
     solver: str | Callable[..., Any] = "cholesky"
 
-    default_diff_solve: ClassVar[str] = "cg"
+    def default_implicit_diff_solve(self) -> str:
+        """CG: ``∂ₓF`` is the Hessian of ``½‖r‖²``, symmetric."""
+        return "cg"
 
-    def init_state(self, init: Any, *args: Any) -> LevenbergMarquardtState:
+    def init_state(self, init_params: Any, *args: Any) -> LevenbergMarquardtState:
         if not self.damping_parameter > 0:
             raise ValueError(f"damping_parameter must be positive, got {self.damping_parameter}")
-        _linear_solve.get_solver(self.solver)
-        flat = Raveler(init, batched=False, what="init").ravel(init)
+        get_solver(self.solver)
+        flat = Raveler(init_params, batched=False, what="init_params").ravel(init_params)
         kw = dict(dtype=flat.dtype, device=flat.device)
         return LevenbergMarquardtState(
             iter_num=torch.zeros((), dtype=torch.int64, device=flat.device),
@@ -94,7 +96,7 @@ class LevenbergMarquardt(IterativeSolver):
         """One trial step, accepted or rejected."""
         lin = _Linearization(self.residual_fun, params, args)
         mu, g = state.damping, lin.grad
-        delta = _solve(self.solver, lin.normal_matvec(mu), -g)
+        delta = _solve(self.solver, lin.normal_operator(mu), -g)
         x_try = lin.x + delta
         r_try = lin.flat_residual(x_try)
         f = 0.5 * torch.dot(lin.r, lin.r)

@@ -145,7 +145,7 @@ class MirrorDescent(IterativeSolver):
     """Mirror descent: ``min_{x ∈ C(hyperparams_proj)} fun(x, *args)``.
 
     ``x⁺ = projection_grad(x, ∇fun(x, *args), η_t, hyperparams_proj)`` with
-    ``η_t = stepsize`` or ``stepsize(t)``. ``run(init, hyperparams_proj, *args)``; the
+    ``η_t = stepsize`` or ``stepsize(t)``. ``run(init_params, hyperparams_proj, *args)``; the
     solution is differentiable in ``hyperparams_proj`` and ``args`` through the fixed point of
     :func:`make_mirror_descent_fun` (step: ``stepsize`` if it is a number, else 1, as in
     JAXopt).
@@ -164,10 +164,8 @@ class MirrorDescent(IterativeSolver):
         stepsize: ``η > 0``, a number or a schedule ``stepsize(iter_num) -> η`` (``iter_num`` a
             0-d int64 tensor). For the entropic step, ``η ≤ 1 / L`` with ``L`` the Lipschitz
             constant of ``∇fun`` from ``ℓ1`` (per row) to ``ℓ∞`` converges.
-        value_and_grad: ``fun`` returns ``(value, gradient)`` itself (JAXopt's option), e.g.
-            an analytic gradient, saving the autograd pass of every iteration; the gradient
-            must be written in torch operations, since implicit differentiation (and
-            ``unroll``) differentiates it.
+        value_and_grad: ``fun`` returns ``(value, gradient)`` itself, as for
+            :class:`~implicit_torch.solvers.proximal_gradient.ProximalGradient`.
         maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`; the error
             is ``‖x⁺ − x‖ / η``.
     """
@@ -198,8 +196,10 @@ class MirrorDescent(IterativeSolver):
     def _diff_stepsize(self) -> Any:
         return self.stepsize if not callable(self.stepsize) else 1.0
 
-    def init_state(self, init: Any, hyperparams_proj: Any = None, *args: Any) -> MirrorDescentState:
-        leaf = tree_leaves(init)[0]
+    def init_state(
+        self, init_params: Any, hyperparams_proj: Any = None, *args: Any
+    ) -> MirrorDescentState:
+        leaf = tree_leaves(init_params)[0]
         iter_num = torch.zeros((), dtype=torch.int64, device=leaf.device)
         return MirrorDescentState(
             iter_num=iter_num,
@@ -224,6 +224,6 @@ class MirrorDescent(IterativeSolver):
         )
         return F(params, hyperparams_proj, *args)
 
-    def run(self, init: Any, hyperparams_proj: Any = None, *args: Any) -> OptStep:
-        """Solve from ``init``; see :meth:`IterativeSolver.run`."""
-        return super().run(init, hyperparams_proj, *args)
+    def run(self, init_params: Any, hyperparams_proj: Any = None, *args: Any) -> OptStep:
+        """Solve from ``init_params``; see :meth:`IterativeSolver.run`."""
+        return super().run(init_params, hyperparams_proj, *args)

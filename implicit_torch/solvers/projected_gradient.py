@@ -21,7 +21,7 @@ class ProjectedGradient(_ProximalGradientBase):
 
     ``x⁺ = proj_C(y − η ∇fun(y), hyperparams_proj)``: proximal gradient with ``g = ι_C``, whose
     prox is the projection (FISTA momentum when ``acceleration``; Beck & Teboulle, 2009).
-    ``run(init, hyperparams_proj, *args)``; the solution is differentiable in
+    ``run(init_params, hyperparams_proj, *args)``; the solution is differentiable in
     ``hyperparams_proj`` and ``args`` through the fixed point of
     :func:`~implicit_torch.optimality.make_projected_gradient_fun` with ``η = stepsize`` (1
     with a line search). ``state.error = ‖x⁺ − y‖ / η``.
@@ -41,8 +41,10 @@ class ProjectedGradient(_ProximalGradientBase):
     def _prox(self, v, hyperparams, eta):
         return self.projection(v, hyperparams)
 
-    def init_state(self, init: Any, hyperparams_proj: Any = None, *args: Any) -> ProxGradState:
-        return self._init(init)
+    def init_state(
+        self, init_params: Any, hyperparams_proj: Any = None, *args: Any
+    ) -> ProxGradState:
+        return self._init(init_params)
 
     def update(self, params: Any, state: ProxGradState, hyperparams_proj: Any, *args) -> OptStep:
         """One (accelerated) projected gradient step."""
@@ -55,6 +57,6 @@ class ProjectedGradient(_ProximalGradientBase):
         )
         return F(params, hyperparams_proj, *args)
 
-    def run(self, init: Any, hyperparams_proj: Any = None, *args: Any) -> OptStep:
-        """Solve from ``init``; see :meth:`IterativeSolver.run`."""
-        return super().run(init, hyperparams_proj, *args)
+    def run(self, init_params: Any, hyperparams_proj: Any = None, *args: Any) -> OptStep:
+        """Solve from ``init_params``; see :meth:`IterativeSolver.run`."""
+        return super().run(init_params, hyperparams_proj, *args)

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from implicit_torch import _runtime
+from implicit_torch._loop import Cadence
 from implicit_torch._tree import (
     tree_add_scalar_mul,
     tree_l2_norm,
@@ -91,15 +91,15 @@ class _ProximalGradientBase(IterativeSolver):
     def _prox(self, v: Any, hyperparams: Any, eta: Any) -> Any:
         raise NotImplementedError
 
-    def _init(self, init: Any) -> ProxGradState:
-        leaf = tree_leaves(init)[0]
+    def _init(self, init_params: Any) -> ProxGradState:
+        leaf = tree_leaves(init_params)[0]
         scalar = dict(dtype=leaf.dtype, device=leaf.device)
         step = self.stepsize if self.stepsize > 0 else self.max_stepsize
         return ProxGradState(
             iter_num=torch.zeros((), dtype=torch.int64, device=leaf.device),
             stepsize=torch.tensor(step, **scalar),
             error=torch.tensor(math.inf, **scalar),
-            velocity=init,
+            velocity=init_params,
             t=torch.ones((), **scalar),
         )
 
@@ -133,7 +133,7 @@ class _ProximalGradientBase(IterativeSolver):
         # float resolution, and a step allowed to grow back would be accepted too large.
         step = last_step
         slack = 10 * torch.finfo(f_y.dtype).eps * f_y.abs()
-        stop_early = _runtime.can_inspect_values() and _runtime.check_interval(f_y.device) == 1
+        stop_early = Cadence(f_y.device).every_step
         accepted = torch.zeros((), dtype=torch.bool, device=f_y.device)
         for j in range(max(self.maxls, 1)):
             trial = self._prox(tree_add_scalar_mul(y, -step, g_y), hyperparams, step)
@@ -161,7 +161,7 @@ class _ProximalGradientBase(IterativeSolver):
 class ProximalGradient(_ProximalGradientBase):
     """Proximal gradient: ``min_x fun(x, *args) + g(x, hyperparams_prox)``.
 
-    ISTA, or FISTA with ``acceleration=True`` (Beck & Teboulle, 2009). ``run(init,
+    ISTA, or FISTA with ``acceleration=True`` (Beck & Teboulle, 2009). ``run(init_params,
     hyperparams_prox, *args)``; the solution is differentiable in ``hyperparams_prox`` and
     ``args`` through the fixed point of :func:`~implicit_torch.optimality.
     make_proximal_gradient_fun` with ``η = stepsize`` (1 with a line search).
@@ -194,8 +194,10 @@ class ProximalGradient(_ProximalGradientBase):
     def _prox(self, v, hyperparams, eta):
         return self.prox(v, hyperparams, eta)
 
-    def init_state(self, init: Any, hyperparams_prox: Any = None, *args: Any) -> ProxGradState:
-        return self._init(init)
+    def init_state(
+        self, init_params: Any, hyperparams_prox: Any = None, *args: Any
+    ) -> ProxGradState:
+        return self._init(init_params)
 
     def update(self, params: Any, state: ProxGradState, hyperparams_prox: Any, *args) -> OptStep:
         """One ISTA/FISTA iteration."""
@@ -208,6 +210,6 @@ class ProximalGradient(_ProximalGradientBase):
         )
         return F(params, hyperparams_prox, *args)
 
-    def run(self, init: Any, hyperparams_prox: Any = None, *args: Any) -> OptStep:
-        """Solve from ``init``; see :meth:`IterativeSolver.run`."""
-        return super().run(init, hyperparams_prox, *args)
+    def run(self, init_params: Any, hyperparams_prox: Any = None, *args: Any) -> OptStep:
+        """Solve from ``init_params``; see :meth:`IterativeSolver.run`."""
+        return super().run(init_params, hyperparams_prox, *args)

@@ -1,15 +1,6 @@
-"""Euclidean projections onto closed convex sets: ``proj_C(x) = argmin_{p ∈ C} ½‖p − x‖²``.
-
-JAXopt's names and signatures: ``projection_X(x, hyperparams)``, the set's parameters being
-the second argument. Each projection is written in torch ops with no host synchronisation, so it
-is differentiable by autograd and the ``torch.func`` transforms (including ``vmap`` over a
-batch of points), and its derivative is the Jacobian of the projection wherever that exists
-(almost everywhere), never NaN.
-
-Shapes: ``x`` is one point. The set is defined on all of ``x`` (a tensor of any shape is one
-vector; pytrees of tensors are accepted where the docstring says so); for a batch of points
-use ``torch.func.vmap``.
-"""
+"""Closed-form Euclidean projections onto simple sets: the orthant, boxes, the simplex, the
+ℓ1 / ℓ2 / ℓ∞ balls, the sphere, hyperplanes, halfspaces and affine sets (JAXopt's names,
+re-exported by :mod:`implicit_torch.projection`)."""
 
 from __future__ import annotations
 
@@ -17,38 +8,7 @@ from typing import Any
 
 import torch
 
-from implicit_torch._projection_polytopes import (
-    kl_projection_birkhoff,
-    kl_projection_simplex,
-    kl_projection_transport,
-    projection_birkhoff,
-    projection_box_section,
-    projection_sparse_simplex,
-    projection_transport,
-)
 from implicit_torch._tree import tree_l2_norm, tree_map
-
-__all__ = [
-    "kl_projection_birkhoff",
-    "kl_projection_simplex",
-    "kl_projection_transport",
-    "projection_affine_set",
-    "projection_birkhoff",
-    "projection_box",
-    "projection_box_section",
-    "projection_halfspace",
-    "projection_hypercube",
-    "projection_hyperplane",
-    "projection_l1_ball",
-    "projection_l2_ball",
-    "projection_l2_sphere",
-    "projection_linf_ball",
-    "projection_non_negative",
-    "projection_polyhedron",
-    "projection_simplex",
-    "projection_sparse_simplex",
-    "projection_transport",
-]
 
 Tensor = torch.Tensor
 
@@ -109,13 +69,26 @@ def projection_simplex(x: Tensor, value: Any = 1.0) -> Tensor:
 
 
 def simplex_rows(x: Tensor, value: Any = 1.0) -> Tensor:
-    """:func:`projection_simplex` of every row of ``x`` (the last dimension), vectorised."""
+    """:func:`projection_simplex` of every row of ``x`` (the last dimension), vectorised:
+    ``max(x − τ, 0)`` with ``τ = simplex_threshold(x, value)``."""
+    return torch.relu(x - simplex_threshold(x, value).unsqueeze(-1))
+
+
+def simplex_threshold(x: Tensor, value: Any) -> Tensor:
+    """The threshold ``τ`` (shape ``x.shape[:-1]``) with ``Σ_j max(x_j − τ, 0) = value`` for
+    every row of ``x`` (``value ≥ 0``, a number or a tensor broadcastable to
+    ``x.shape[:-1]``).
+
+    ``τ = (Σ_{i ≤ ρ} u_i − value) / ρ`` with ``u`` the row sorted in decreasing order and
+    ``ρ = max{j : u_j > (Σ_{i ≤ j} u_i − value) / j}``; for ``value = 0`` it is the row's
+    maximum (``ρ = 1``).
+    """
     u = torch.sort(x, dim=-1, descending=True).values
-    css = torch.cumsum(u, -1) - value
+    css = torch.cumsum(u, -1) - torch.as_tensor(value, dtype=x.dtype, device=x.device)[..., None]
     k = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype, device=x.device)
-    rho = (u * k > css).sum(-1, keepdim=True)  # ≥ 1: the largest entry satisfies it
-    tau = torch.gather(css, -1, rho - 1) / rho
-    return torch.relu(x - tau)
+    # ρ ≥ 1 for value > 0 (the largest entry satisfies the condition); the clamp covers 0.
+    rho = (u * k > css).sum(-1, keepdim=True).clamp(min=1)
+    return (torch.gather(css, -1, rho - 1) / rho).squeeze(-1)
 
 
 def projection_l1_ball(x: Tensor, max_norm: Any = 1.0) -> Tensor:
@@ -198,20 +171,3 @@ def projection_affine_set(x: Tensor, hyperparams: tuple) -> Tensor:
     """
     A, b = hyperparams
     return x - A.mT @ torch.linalg.solve(A @ A.mT, A @ x - b)
-
-
-def projection_polyhedron(x: Tensor, hyperparams: tuple, check_feasible: bool = False) -> Tensor:
-    """Projection onto the polyhedron ``{y : A y = b, G y ≤ h}``: the QP
-    ``argmin_y ½‖y − x‖²`` solved by :class:`~implicit_torch.QP` (interior point, batched),
-    differentiable in ``x`` and in ``(A, b, G, h)`` through its KKT conditions.
-
-    Args:
-        x: ``(n,)``, or ``(B, n)`` for a batch of points.
-        hyperparams: ``(A, b, G, h)``, shared or per point; ``(A, b)`` or ``(G, h)`` may be
-            ``(None, None)``.
-        check_feasible: raise instead of warning when the projection fails (an empty set).
-    """
-    # Imported here: the solvers import this module.
-    from implicit_torch.solvers.qp import projection_polyhedron as via_qp
-
-    return via_qp(x, hyperparams, check_feasible)
