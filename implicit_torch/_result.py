@@ -188,18 +188,19 @@ def default_rtol(dtype: torch.dtype, kind: str = "linear") -> float:
 # The reporter
 # --------------------------------------------------------------------------------------------
 
-_EXPLAIN = {
-    Status.MAX_ITERATIONS: "did not converge",
+# What went wrong, by status: a headline (which "on k of n systems" follows) and a detail.
+_EXPLAIN: dict[Status, tuple[str, str]] = {
+    Status.MAX_ITERATIONS: ("did not converge", ""),
     Status.INDEFINITE: (
-        "met non-positive or sign-changing curvature pᵀAp: the system is not symmetric "
-        "definite, so conjugate gradient does not apply"
+        "met non-positive or sign-changing curvature pᵀAp",
+        "the system is not symmetric definite, so conjugate gradient does not apply",
     ),
-    Status.BREAKDOWN: "broke down (a Krylov recurrence divided by zero) and did not converge",
-    Status.NONFINITE: "did not converge: NaN or Inf in its result",
-    Status.INFEASIBLE: "did not converge: the problem is infeasible",
-    Status.DIVERGED: "diverged: the residual grew without bound",
-    Status.UNBOUNDED: "did not converge: the problem is unbounded below or not convex",
-    Status.SINGULAR: "met a singular matrix (no unique solution)",
+    Status.BREAKDOWN: ("broke down", "a Krylov recurrence divided by zero before convergence"),
+    Status.NONFINITE: ("did not converge", "NaN or Inf in its result"),
+    Status.INFEASIBLE: ("did not converge", "the problem is infeasible"),
+    Status.DIVERGED: ("diverged", "the residual grew without bound"),
+    Status.UNBOUNDED: ("did not converge", "the problem is unbounded below or not convex"),
+    Status.SINGULAR: ("met a singular matrix", "the system has no unique solution"),
 }
 
 
@@ -213,7 +214,7 @@ def report(
     fix: str = "",
     maxiter: int | None = None,
     batched: bool | None = None,
-    explain: dict[Status, str] | None = None,
+    explain: dict[Status, str | tuple[str, str]] | None = None,
     stacklevel: int = 3,
 ) -> None:
     """Warn (``on_failure="warn"``) or raise (``"raise"``) if any system in ``info`` failed.
@@ -232,7 +233,8 @@ def report(
         fix: the advice that ends the message.
         maxiter: shown next to the iteration count when given.
         batched: whether to count systems ("2 of 5 systems"); default: more than one system.
-        explain: what went wrong, by status, where the standard wording does not fit.
+        explain: what went wrong, by status, where the standard wording does not fit: a
+            headline, or a pair (headline, detail).
         stacklevel: passed to :func:`warnings.warn` (2 = the caller of ``report``).
     """
     if check_on_failure(on_failure) == "ignore":
@@ -262,10 +264,17 @@ def report(
         target = f"{float(info.target.reshape(-1)[worst]):.3e}"
     against = f" > target {target}" if target is not None else ""
     after = f" after {iters} iterations{cap}" if (iters or maxiter is not None) else ""
+    headline, detail = _EXPLAIN[code]
+    override = (explain or {}).get(code)
+    if isinstance(override, tuple):
+        headline, detail = override
+    elif override is not None:
+        headline = override
+    detail = f" ({detail})" if detail else ""
     msg = (
-        f"implicit_torch: {who} {(explain or {}).get(code, _EXPLAIN[code])}{where}{after}: "
-        f"{measure} {float(residual[worst]):.3e}{against}. The result, and any gradient "
-        f"computed from it, is inaccurate"
+        f"implicit_torch: {who} {headline}{where}{after}{detail}: {measure} "
+        f"{float(residual[worst]):.3e}{against}. The result, and any gradient computed from "
+        f"it, is inaccurate"
     )
     msg += f": {fix}" if fix else "."
     if on_failure == "raise":

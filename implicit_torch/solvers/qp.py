@@ -45,7 +45,6 @@ from implicit_torch import _runtime
 from implicit_torch._loop import Cadence
 from implicit_torch._result import (
     SolveInfo,
-    Status,
     check_on_failure,
     check_tolerances,
     default_rtol,
@@ -350,9 +349,6 @@ class QP(IterativeSolver):
                 _QP_FIX,
                 target=ipm.limit(tol),
                 maxiter=self.maxiter,
-                # NaN data make a NaN error: the same failure to the reader as the others
-                # (the fix names the causes), though its status says NONFINITE.
-                explain={Status.NONFINITE: "did not converge"},
             )
         return z.to(data.dtype), QPState(iters, error.to(data.dtype), converged), ipm
 
