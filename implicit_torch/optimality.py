@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from implicit_torch._root import SYMMETRIC_JACOBIAN
 from implicit_torch._tree import tree_add_scalar_mul, tree_sub
 
 __all__ = [
@@ -51,13 +52,16 @@ def make_stationarity_fun(
 
     Returns:
         ``F(x, *args)``, a pytree like ``x``. Its Jacobian in ``x`` is the Hessian of ``fun``,
-        symmetric, so the engine may use ``solve="cg"`` (definite at a strict minimum).
+        symmetric, so the engine may use ``solve="cg"`` (definite at a strict minimum); the
+        function says so (attribute ``jacobian_is_symmetric``), and ``solve="auto"`` reads it.
     """
     grad = gradient_of(fun, value_and_grad)
 
     def stationarity_fun(x, *args):
         return grad(x, *args)
 
+    # The engine's operators then carry the symmetry, and solve="auto" uses CG without probing.
+    setattr(stationarity_fun, SYMMETRIC_JACOBIAN, True)
     return stationarity_fun
 
 

@@ -106,3 +106,18 @@ def test_builders_reject_non_positive_steps():
         optimality.make_proximal_gradient_fun(least_squares, prox.prox_lasso, 0.0)
     with pytest.raises(ValueError, match="stepsize"):
         optimality.make_projected_gradient_fun(least_squares, projection.projection_box, -1.0)
+
+
+def test_stationarity_declares_a_symmetric_jacobian_that_the_engine_carries():
+    from implicit_torch._root import Problem
+
+    f = lambda x, a: 0.5 * (a * x**2).sum() + x.sum() ** 2  # noqa: E731
+    F = it.optimality.make_stationarity_fun(f)
+    x, a = torch.ones(3, dtype=torch.float64), torch.arange(1.0, 4.0, dtype=torch.float64)
+    problem = Problem(F, x, (a,), "auto", False)
+    op = problem.linearize([x], [a], transposed=True)
+    assert op.symmetric is True and op.transposed
+    H = torch.func.hessian(f)(x, a)
+    torch.testing.assert_close(op(torch.eye(3, dtype=torch.float64)[0]), H[0])
+    # A plain function says nothing: "auto" probes.
+    assert Problem(lambda x, a: a * x, x, (a,), "auto", False).symmetric is None
