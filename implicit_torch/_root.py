@@ -167,6 +167,14 @@ class Problem:
 
         return At
 
+    def _linear_solve(self, rhs, sol_leaves, tensors, *, transposed: bool):
+        """``x`` with ``Aᵀ x = rhs`` (``transposed``) or ``A x = rhs`` at ``(sol, params)``,
+        differentiable in all three (see :func:`_implicit_linear_solve`)."""
+        make_op = self.operator_factory(transposed=transposed)
+        return _implicit_linear_solve(
+            make_op, rhs, (*sol_leaves, *tensors), self.solve, self.batched
+        )
+
     def operator_factory(self, *, transposed: bool) -> Callable[..., LinearOperator]:
         """``operands = (*sol_leaves, *tensors) ↦`` the operator to solve with (``A`` or
         ``Aᵀ``), so that a linear solve built on it is differentiable in those operands."""
@@ -182,13 +190,7 @@ class Problem:
         sol = self.sol_tree(sol_leaves)
         cot = [torch.zeros_like(s) if c is None else c for s, c in zip(sol_leaves, cotangents)]
         neg_v = self.sol_tree([-c for c in cot])
-        u = _implicit_linear_solve(
-            self.operator_factory(transposed=True),
-            neg_v,
-            (*sol_leaves, *tensors),
-            self.solve,
-            self.batched,
-        )
+        u = self._linear_solve(neg_v, sol_leaves, tensors, transposed=True)
         grads: list = [None] * len(tensors)
         if not self.diff:
             return grads
@@ -219,13 +221,7 @@ class Problem:
             tuple(tangents[k] for k in moving),
         )
         neg_b_dot = self.sol_tree([-x for x in tree_leaves(b_dot)])
-        w = _implicit_linear_solve(
-            self.operator_factory(transposed=False),
-            neg_b_dot,
-            (*sol_leaves, *tensors),
-            self.solve,
-            self.batched,
-        )
+        w = self._linear_solve(neg_b_dot, sol_leaves, tensors, transposed=False)
         return tree_leaves(w)
 
 
