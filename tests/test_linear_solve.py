@@ -434,3 +434,36 @@ def test_warm_start_forgets_a_non_finite_solution():
     assert not bool(torch.isfinite(x).all()) and warm.last is None
     x = warm(lambda v: 2 * v, torch.ones(4, dtype=DT))
     torch.testing.assert_close(x, torch.full((4,), 0.5, dtype=DT))
+
+
+def test_neumann_step_size_converges_where_the_plain_series_diverges():
+    """torchopt's ``alpha``: Richardson with step α converges iff ρ(I − αA) < 1. For A with
+    eigenvalues in [0.5, 3] the plain series (α = 1) diverges; α = 0.5 converges."""
+    g = gen(71)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=DT))
+    A = (Q * torch.linspace(0.5, 3.0, 6, dtype=DT)) @ Q.T
+    b = torch.randn(6, generator=g, dtype=DT)
+    with pytest.warns(it.ConvergenceWarning, match="diverged"):
+        it.solve_neumann(lambda v: A @ v, b, maxiter=200)
+    x = it.solve_neumann(lambda v: A @ v, b, alpha=0.5, maxiter=500, tol=1e-12)
+    torch.testing.assert_close(x, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
+
+
+def test_neumann_fixed_steps_sums_exactly_maxiter_terms():
+    """``fixed_steps``: the truncated series α Σ_{k<K} (I − αA)^k b, whatever the residual."""
+    g = gen(72)
+    A = torch.eye(4, dtype=DT) + 0.3 * torch.randn(4, 4, generator=g, dtype=DT) / 2
+    b = torch.randn(4, generator=g, dtype=DT)
+    K, alpha = 7, 0.8
+    ref, term = torch.zeros(4, dtype=DT), b.clone()
+    for _ in range(K):
+        ref = ref + alpha * term
+        term = term - alpha * (A @ term)
+    x, info = it.solve_neumann(
+        lambda v: A @ v, b, alpha=alpha, maxiter=K, fixed_steps=True, on_failure="ignore",
+        return_info=True,
+    )  # fmt: skip
+    torch.testing.assert_close(x, ref)
+    assert int(info.iterations) == K
+    with pytest.raises(ValueError, match="alpha"):
+        it.solve_neumann(lambda v: A @ v, b, alpha=0.0)
