@@ -1,7 +1,10 @@
 """Build script: the package (pyproject.toml) plus the optional compiled extension of csrc/.
 
 The extension ``implicit_torch._C`` holds the kernels of ``implicit_torch::batched_cg`` and the
-CPU kernel of ``implicit_torch::qp_ipm`` (the QP solver's interior-point iterations):
+CPU kernel of ``implicit_torch::qp_ipm`` (the QP solver's interior-point iterations). It
+registers kernels only: the operators' schemas are defined in Python
+(``implicit_torch/ops/_schemas.py``), so they exist, served by pure-PyTorch kernels, whether or
+not the extension is built. It is built as
 
 * a CppExtension (CPU kernel only) by default;
 * a CUDAExtension (CPU and CUDA kernels) when torch is a CUDA build and a CUDA toolkit is

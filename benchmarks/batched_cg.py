@@ -9,7 +9,7 @@ For each (B, n) and dtype: B SPD systems with condition number ~100 (eigenvalues
              implicit_torch.ops.batched_cg_reference);
 * solve    - torch.linalg.solve (LU);
 * cholesky - torch.linalg.cholesky + torch.cholesky_solve;
-* auto     - implicit_torch.linear_solve.solve_formed, the choice solve="auto" makes for formed
+* auto     - implicit_torch.linear.solve_formed, the choice solve="auto" makes for formed
              blocks (symmetry check, then fused CG with an iteration budget, or Cholesky).
 
 Times are medians after a warm-up call; the ratios are baseline time / fused time (> 1: the
@@ -23,25 +23,57 @@ Batched LU on the CPU with more than one thread is broken in recent torch for n 
 (pytorch issue 142815: "Pivots given to lu_solve must all be greater or equal to 1", or a
 hang), so there torch.linalg.solve runs on one thread (marked "1T").
 
+--variants (CUDA) times the launch variants of the CUDA kernel side by side instead, on sizes
+that favour them (large n, small B) and the usual ones: `auto` (the default launch), `global`
+(the matrix streamed, never in shared memory), `smem-X` (a cap on shared memory per block:
+more blocks per SM), `multiblock` (several blocks per system, one cooperative launch) with the
+default or a fixed number of blocks per system. They are chosen by the IMPLICIT_TORCH_CG_*
+environment variables (csrc/cuda/batched_cg_cuda.cpp), read at every call. The table gives
+each variant's time, auto's time over it (> 1: the variant is faster), the launch actually
+used (a variant that does not apply falls back to auto's) and its largest relative
+difference from auto's solution.
+
     python benchmarks/batched_cg.py                    # CPU, and CUDA when available
     python benchmarks/batched_cg.py --device cuda --markdown
+    python benchmarks/batched_cg.py --variants --markdown            # every variant
+    python benchmarks/batched_cg.py --variants auto,multiblock --sizes 1x4096
+    python benchmarks/batched_cg.py --variants --dry-run   # parse, print the plan, no GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
-import implicit_torch.ops as ops
-from implicit_torch.linear_solve import solve_formed
-from implicit_torch.ops._reference import batched_cg_reference
-
 SIZES = [(4096, 16), (4096, 32), (1024, 64), (256, 256), (64, 1024)]
+# Large n and small B (multiblock), matrices that fit in shared memory only without a cap
+# (n = 128 and 224: the smem caps), and small systems (auto's warp/block kernels).
+VARIANT_SIZES = [(1, 1024), (1, 4096), (4, 2048), (16, 1024), (256, 128), (256, 224), (1024, 64)]
+# name -> environment of the CUDA launch (csrc/cuda/batched_cg_cuda.cpp)
+VARIANTS = {
+    "auto": {},
+    "global": {"IMPLICIT_TORCH_CG_STRATEGY": "global"},
+    "smem-48K": {"IMPLICIT_TORCH_CG_SMEM_CAP_BYTES": str(48 * 1024)},
+    "smem-100K": {"IMPLICIT_TORCH_CG_SMEM_CAP_BYTES": str(100 * 1024)},
+    "multiblock": {"IMPLICIT_TORCH_CG_STRATEGY": "multiblock"},
+    "multiblock-8": {
+        "IMPLICIT_TORCH_CG_STRATEGY": "multiblock",
+        "IMPLICIT_TORCH_CG_BLOCKS_PER_SYSTEM": "8",
+    },
+    "multiblock-32": {
+        "IMPLICIT_TORCH_CG_STRATEGY": "multiblock",
+        "IMPLICIT_TORCH_CG_BLOCKS_PER_SYSTEM": "32",
+    },
+}
+_VARIANT_KEYS = ("STRATEGY", "SMEM_CAP_BYTES", "BLOCKS_PER_SYSTEM", "LOG_PLAN")
 COND = 100.0
 RTOL = 1e-6
 LU_SAFE_N = 160  # pytorch issue 142815
@@ -109,6 +141,9 @@ def copy_bandwidth(device, override):
 
 
 def run_case(B, n, dtype, device, peak_bw):
+    from implicit_torch.linear import solve_formed
+    from implicit_torch.ops import batched_cg_reference
+
     A, b = spd_batch(B, n, dtype, device)
     maxiter = 10 * n
     fused = lambda: torch.ops.implicit_torch.batched_cg(A, b, None, RTOL, 0.0, maxiter)  # noqa: E731
@@ -144,6 +179,103 @@ def run_case(B, n, dtype, device, peak_bw):
         floor = B * matrix_bytes * passes / (peak_bw * 1e9)
         row["bw_floor"] = floor
     return row
+
+
+@contextlib.contextmanager
+def variant_env(env):
+    """The IMPLICIT_TORCH_CG_* environment of one launch variant, restored afterwards."""
+    keys = [f"IMPLICIT_TORCH_CG_{k}" for k in _VARIANT_KEYS]
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k in keys:
+            os.environ.pop(k, None)
+            if saved[k] is not None:
+                os.environ[k] = saved[k]
+
+
+def launch_of(call):
+    """A short description of the CUDA launch that ``call()`` uses (IMPLICIT_TORCH_CG_LOG_PLAN)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        os.environ["IMPLICIT_TORCH_CG_LOG_PLAN"] = "1"
+        try:
+            call()
+        finally:
+            del os.environ["IMPLICIT_TORCH_CG_LOG_PLAN"]
+    plans = [str(w.message) for w in caught if "batched_cg CUDA launch" in str(w.message)]
+    if not plans:
+        return "?"
+    plan = plans[-1]
+    if "multiblock" in plan:
+        return "multiblock x" + re.search(r"blocks_per_system=(\d+)", plan).group(1)
+    if "warp per system" in plan:
+        return "warp"
+    smem = int(re.search(r"smem_bytes=(\d+)", plan).group(1))
+    where = "A in smem" if "matrix_in_smem=1" in plan else "A streamed"
+    return f"block, {where}, {smem // 1024} KB"
+
+
+def run_variants(B, n, dtype, device, names):
+    """One row per variant: time, launch, and agreement with auto's solution."""
+    A, b = spd_batch(B, n, dtype, device)
+    maxiter = 10 * n
+
+    def fused():
+        return torch.ops.implicit_torch.batched_cg(A, b, None, RTOL, 0.0, maxiter)
+
+    rows, reference = [], None
+    for name in names:
+        with variant_env(VARIANTS[name]):
+            launch = launch_of(fused)
+            x, iters, _ = fused()
+            if reference is None:
+                reference = x.double()
+            diff = (x.double() - reference).norm(dim=-1) / reference.norm(dim=-1)
+            rows.append(
+                {
+                    "B": B,
+                    "n": n,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "variant": name,
+                    "launch": launch,
+                    "iters": float(iters.double().mean()),
+                    "diff": float(diff.max()),
+                    "time": measure(fused, device, min_time=0.2),
+                }
+            )
+            r = rows[-1]
+            print(
+                f"  B={B} n={n} {r['dtype']} {name}: {r['time'] * 1e3:.3f} ms ({launch}), "
+                f"iters {r['iters']:.1f}, rel diff {r['diff']:.1e}",
+                file=sys.stderr,
+                flush=True,
+            )
+    auto = next((r["time"] for r in rows if r["variant"] == "auto"), rows[0]["time"])
+    for r in rows:
+        r["speedup"] = auto / r["time"]
+    return rows
+
+
+def print_variants(rows, markdown):
+    head = ["B", "n", "dtype", "variant", "launch", "iters", "ms", "auto/this", "max rel diff"]
+    lines = [
+        [
+            str(r["B"]),
+            str(r["n"]),
+            r["dtype"],
+            r["variant"],
+            r["launch"],
+            f"{r['iters']:.1f}",
+            fmt_ms(r["time"]),
+            f"{r['speedup']:.2f}x",
+            f"{r['diff']:.1e}",
+        ]
+        for r in rows
+    ]
+    print_rows(head, lines, markdown)
 
 
 def fmt_ms(t):
@@ -193,6 +325,10 @@ def print_table(rows, markdown, kind):
                 f"{floor / r['fused']:.2f}" if floor else "-",
             ]
         lines.append(cells)
+    print_rows(head, lines, markdown)
+
+
+def print_rows(head, lines, markdown):
     if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "|".join("---:" for _ in head) + "|")
@@ -213,17 +349,64 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     parser.add_argument("--peak-bw", type=float, default=None, help="GPU GB/s (else measured)")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument(
+        "--variants",
+        nargs="?",
+        const="all",
+        default=None,
+        help=f"time the CUDA launch variants instead (all, or some of: {', '.join(VARIANTS)})",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="check the arguments, print the plan, run nothing"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    names = None
+    if args.variants:
+        names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        unknown = [v for v in names if v not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.device == "auto":
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        devices = ["cuda"] if names else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = args.device.split(",")
-    sizes = SIZES
-    if args.sizes:
-        sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
-    dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
+    if names and devices != ["cuda"]:
+        parser.error("--variants times the CUDA kernel: use --device cuda (or auto)")
+    sizes = VARIANT_SIZES if names else SIZES
+    try:
+        if args.sizes:
+            sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+        dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
+    except (ValueError, AttributeError) as exc:
+        parser.error(f"bad --sizes or --dtype: {exc}")
+    if any(d not in (torch.float32, torch.float64) for d in dtypes) or any(
+        len(size) != 2 for size in sizes
+    ):
+        parser.error("--dtype takes float32/float64, --sizes BxN pairs")
+    if args.dry_run:  # (implicit_torch is not even imported)
+        what = f"variants {', '.join(names)}" if names else "fused kernel vs baselines"
+        sizes_text = ", ".join(f"{B}x{n}" for B, n in sizes)
+        dtypes_text = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        print(f"dry run: {what} on {', '.join(devices)}; sizes {sizes_text}; {dtypes_text}")
+        return
+    import implicit_torch.ops as ops  # loads the operators
+
+    if names:
+        if not torch.cuda.is_available():
+            parser.error("--variants needs a CUDA GPU")
+        device = torch.device("cuda")
+        print(
+            f"{torch.cuda.get_device_name(device)}: CUDA launch variants, cond {COND:g}, "
+            f"rtol {RTOL:g}; CUDA kernel compiled: {ops.extension_available(device)}"
+        )
+        rows = []
+        for dtype in dtypes:
+            for B, n in sizes:
+                rows += run_variants(B, n, dtype, device, names)
+        print_variants(rows, args.markdown)
+        return
 
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, cond {COND:g}, "

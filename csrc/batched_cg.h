@@ -1,4 +1,6 @@
-// Shared declarations of the implicit_torch::batched_cg kernels (CPU and CUDA glue).
+// Shared declarations of the implicit_torch::batched_cg kernels (CPU and CUDA glue). The schema
+// is defined once, in implicit_torch/ops/_schemas.py; the kernels' signatures below must match
+// it (the dispatcher checks them when Python defines it).
 //
 // Semantics (identical in every kernel and in implicit_torch/ops/_reference.py):
 //   x = x0 (zeros when absent), r = b - A x, z = D^-1 r with D = diag(A) under Jacobi
@@ -54,7 +56,9 @@ inline void check_batched_cg_inputs(const at::Tensor& A, const at::Tensor& b,
 }
 
 // What both kernels start from: the inputs in a contiguous layout (non-contiguous and expanded,
-// stride-0 inputs are copied once) and the zero-filled outputs (x, iterations, residual_norm).
+// stride-0 inputs are copied once) and the outputs (x, iterations, residual_norm), left
+// uninitialised: every kernel writes all of them. Only when there is nothing to solve (n == 0,
+// where no kernel runs) are iterations and residual_norm zero-filled.
 struct BatchedCGCall {
   at::Tensor A, b;
   std::optional<at::Tensor> x0;
@@ -70,16 +74,32 @@ struct BatchedCGCall {
 inline BatchedCGCall prepare_batched_cg(const at::Tensor& A, const at::Tensor& b,
                                         const std::optional<at::Tensor>& x0) {
   const int64_t B = A.size(0), n = A.size(1);
+  const auto alloc = [n](at::IntArrayRef size, const at::TensorOptions& options) {
+    return n == 0 ? at::zeros(size, options) : at::empty(size, options);
+  };
   return BatchedCGCall{
       A.contiguous(),
       b.contiguous(),
       x0.has_value() ? std::optional<at::Tensor>(x0->contiguous()) : std::nullopt,
-      at::zeros({B, n}, A.options()),
-      at::zeros({B}, A.options().dtype(at::kLong)),
-      at::zeros({B}, A.options()),
+      at::empty({B, n}, A.options()),
+      alloc({B}, A.options().dtype(at::kLong)),
+      alloc({B}, A.options()),
       B,
       n,
   };
 }
+
+// The kernels (registered for the CPU and CUDA dispatch keys; the CUDA one exists in CUDA
+// builds only).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_cg_cpu(const at::Tensor& A,
+                                                              const at::Tensor& b,
+                                                              const std::optional<at::Tensor>& x0,
+                                                              double rtol, double atol,
+                                                              int64_t maxiter, bool jacobi);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_cg_cuda(const at::Tensor& A,
+                                                               const at::Tensor& b,
+                                                               const std::optional<at::Tensor>& x0,
+                                                               double rtol, double atol,
+                                                               int64_t maxiter, bool jacobi);
 
 }  // namespace implicit_torch

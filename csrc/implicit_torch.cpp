@@ -1,29 +1,59 @@
-// The implicit_torch operator library (batched_cg, qp_ipm): schemas only. Kernels register per backend with
-// TORCH_LIBRARY_IMPL (cpu/, cuda/); the fake kernel, autograd and vmap rules are registered from
-// Python (implicit_torch/ops/_registration.py).
+// The Python module implicit_torch._C: importing it loads this shared library, whose static
+// registrations add the compiled kernels (TORCH_LIBRARY_IMPL blocks in cpu/ and cuda/) to the
+// operators of the `implicit_torch` namespace.
+//
+// The schemas are defined once, in Python (implicit_torch/ops/_schemas.py), with or without
+// this extension, so that the operators exist either way; the kernels here register under
+// their names (the dispatcher accepts kernels before the schema and checks their signatures
+// against it when it is defined). The fake kernels, autograd and vmap rules, and the
+// pure-PyTorch kernels serving the backends this build lacks, are registered from Python
+// (implicit_torch/ops/_registration.py).
 #include <Python.h>
-#include <torch/library.h>
 
-// An empty Python module, so that `import implicit_torch._C` loads this shared library and runs
-// its static registrations.
+#include <utility>
+#include <vector>
+
+#include "registry.h"
+
+namespace implicit_torch {
+namespace {
+
+std::vector<std::pair<const char*, const char*>>& compiled_kernels() {
+  static std::vector<std::pair<const char*, const char*>> kernels;  // built on first use
+  return kernels;
+}
+
+}  // namespace
+
+void note_compiled_kernel(const char* op, const char* backend) {
+  compiled_kernels().emplace_back(op, backend);
+}
+
+}  // namespace implicit_torch
+
+// The module: no methods (the operators are reached through torch.ops.implicit_torch), one
+// attribute, KERNELS: the (op, backend) pairs of the kernels compiled into this build.
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
-      "_C",    // name
-      nullptr, // documentation
-      -1,      // no per-module state
-      nullptr, // no methods: everything is reached through torch.ops.implicit_torch
+      "_C",     // name
+      nullptr,  // documentation
+      -1,       // no per-module state
+      nullptr,  // no methods
   };
-  return PyModule_Create(&module_def);
-}
-
-TORCH_LIBRARY(implicit_torch, m) {
-  // Must match SCHEMA in implicit_torch/ops/_registration.py (tests/test_ops.py checks it).
-  m.def("batched_cg(Tensor A, Tensor b, Tensor? x0, float rtol, float atol, int maxiter, "
-        "bool jacobi=False) -> (Tensor x, Tensor iterations, Tensor residual_norm)");
-  // The interior-point iterations of implicit_torch.solvers.QP (CPU kernel only; the solver
-  // runs its batched PyTorch loop elsewhere). Must match QP_IPM_SCHEMA in _registration.py.
-  m.def("qp_ipm(Tensor K, Tensor q, Tensor M1, Tensor W, Tensor T, Tensor nGt, int maxiter, "
-        "float tol, float acceptable_tol, int patience) -> (Tensor z, Tensor iterations, "
-        "Tensor error, Tensor converged)");
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  const auto& kernels = implicit_torch::compiled_kernels();
+  PyObject* list = PyTuple_New(static_cast<Py_ssize_t>(kernels.size()));
+  for (size_t i = 0; list != nullptr && i < kernels.size(); ++i) {
+    PyObject* pair = Py_BuildValue("(ss)", kernels[i].first, kernels[i].second);
+    if (pair == nullptr) Py_CLEAR(list);
+    if (list != nullptr) PyTuple_SET_ITEM(list, static_cast<Py_ssize_t>(i), pair);
+  }
+  if (list == nullptr || PyModule_AddObject(module, "KERNELS", list) < 0) {
+    Py_XDECREF(list);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

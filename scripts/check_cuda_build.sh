@@ -8,6 +8,8 @@
 #    `pip install torch==2.14.1`, ~5 GB from the local wheel cache) builds the whole extension
 #    with FORCE_CUDA=1 into a temporary directory: the repository's in-place build (the CPU
 #    extension of .venv) is left alone.
+#    The CUDA glue must not include cuBLAS/cuSPARSE/cuSOLVER headers (no include-path
+#    workaround: the toolkit need not have them).
 # 3. The produced .so is checked: its libraries resolve (ldd), it defines the CUDA kernel glue
 #    and the kernels, and importing it with that torch registers a CUDA kernel for
 #    implicit_torch::batched_cg (importing works without a GPU).
@@ -52,6 +54,7 @@ SYMBOLS="$(nm -C "$WORK/batched_cg_kernels.o")"  # (grep -q on a pipe would trip
 for T in float double; do
   grep -q "launch_batched_cg<$T>" <<<"$SYMBOLS" || fail "launch_batched_cg<$T> missing from the object"
 done
+# (-warn-spills with -Werror above: no kernel, the multiblock variant included, spills registers)
 echo "ok: kernels compile alone for $ARCH"
 
 step "2/3 CUDA build of torch in $CUDA_VENV"
@@ -64,12 +67,23 @@ fi
 "$CUDA_VENV/bin/python" -m pip install -q setuptools wheel ninja 2>/dev/null ||
   "$CUDA_VENV/bin/python" -m pip install -q setuptools wheel
 SITE="$("$CUDA_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-# The toolkit here may lack headers that torch's CUDA headers include (cuBLAS, cuSPARSE, ...):
-# the pip-installed CUDA 13 wheels carry them.
-if [[ -d "$SITE/nvidia/cu13/include" ]]; then
-  export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
-fi
 "$CUDA_VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" 2>/dev/null
+# No include-path workaround: the glue includes only c10's CUDA headers, so a toolkit without
+# the cuBLAS/cuSPARSE/cuSOLVER headers (like this one, possibly) builds it. Check that it stays so.
+unset CPATH
+INCLUDES="$("$CUDA_VENV/bin/python" -c '
+import sysconfig
+from torch.utils import cpp_extension
+paths = cpp_extension.include_paths(device_type="cuda") + [sysconfig.get_paths()["include"]]
+print(" ".join("-I" + p for p in paths))')"
+# shellcheck disable=SC2086  # INCLUDES is a list of flags
+DEPS="$(c++ -std=c++20 -M -I"$ROOT/csrc" -I"$CUDA_HOME/include" $INCLUDES \
+  "$ROOT/csrc/cuda/batched_cg_cuda.cpp")" || fail "preprocessing batched_cg_cuda.cpp failed"
+if grep -q -E "cublas|cusparse|cusolver" <<<"$DEPS"; then
+  grep -o -E "[^ ]*(cublas|cusparse|cusolver)[^ ]*" <<<"$DEPS" | sort -u | head
+  fail "batched_cg_cuda.cpp pulls in cuBLAS/cuSPARSE/cuSOLVER headers"
+fi
+echo "ok: the CUDA glue includes no cuBLAS/cuSPARSE/cuSOLVER header"
 
 step "3/3 building the CUDA extension (FORCE_CUDA=1) into $WORK"
 SRC="$WORK/src"
@@ -92,7 +106,7 @@ if LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ldd "$SO" |
 fi
 grep -q " T PyInit__C" <<<"$(nm -D "$SO")" || fail "PyInit__C is not exported"
 SYMBOLS="$(nm -C "$SO")"
-for K in cg_block_kernel cg_warp_kernel batched_cg_cuda batched_cg_cpu; do
+for K in cg_block_kernel cg_warp_kernel cg_multiblock_kernel batched_cg_cuda batched_cg_cpu qp_ipm_cpu; do
   grep -q "$K" <<<"$SYMBOLS" || fail "$K is not in the .so"
 done
 if [[ -x "$CUDA_HOME/bin/cuobjdump" ]]; then
@@ -110,10 +124,14 @@ with warnings.catch_warnings(record=True) as caught:  # a failed load only warns
 ours = [str(w.message) for w in caught if "implicit_torch" in str(w.message)]
 assert not ours, ours
 
+import implicit_torch._C as ext
+
 name = "implicit_torch::batched_cg"
+# (the dispatcher's own view, as an independent check of the extension's list)
 has = {k: torch._C._dispatch_has_kernel_for_dispatch_key(name, k) for k in ("CPU", "CUDA")}
 assert ops.extension_available(), "the extension did not load"
 assert has["CPU"] and has["CUDA"], f"kernels registered: {has}"
+assert set(ext.KERNELS) == {("batched_cg", "CPU"), ("batched_cg", "CUDA"), ("qp_ipm", "CPU")}, ext.KERNELS
 assert ops.extension_available("cuda") and ops.extension_available("cpu")
 A = torch.eye(3, dtype=torch.float64).expand(2, 3, 3) * 2
 x, info = ops.batched_cg(A, torch.ones(2, 3, dtype=torch.float64))

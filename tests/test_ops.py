@@ -6,10 +6,14 @@ file twice: with the compiled extension and with IMPLICIT_TORCH_NO_EXT=1 (Python
 Tests marked ``cuda`` need a GPU and skip without one.
 """
 
+import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ import torch
 import implicit_torch.ops as ops
 from implicit_torch.ops import _registration
 from implicit_torch.ops._reference import batched_cg_reference
+from implicit_torch.ops._schemas import SCHEMAS
 
 op = torch.ops.implicit_torch.batched_cg
 HAS_CUDA = torch.cuda.is_available()
@@ -63,18 +68,32 @@ def true_residual(A, b, x):
 # ------------------------------------------------------------------------------------------
 
 
-def test_schema_is_the_one_python_expects():
-    expected = torch._C.parse_schema(f"{_registration.NAMESPACE}::{_registration.SCHEMA}")
-    assert str(op.default._schema) == str(expected)
+def test_schemas_are_defined_once_in_python():
+    # ops/_schemas.py defines them; the extension only registers kernels under their names.
+    for name, schema in SCHEMAS.items():
+        overload = getattr(torch.ops.implicit_torch, name).default
+        assert str(overload._schema) == f"implicit_torch::{name}{schema}"
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    if csrc.is_dir():  # a source checkout
+        for path in csrc.rglob("*"):
+            if path.suffix in (".h", ".cpp", ".cu", ".cuh"):
+                text = path.read_text()
+                assert "TORCH_LIBRARY(" not in text and "m.def(" not in text, path
 
 
 def test_extension_available_follows_the_environment():
-    disabled = _registration.extension_disabled()
-    if disabled:
-        assert not ops.extension_available()
+    compiled = _registration.compiled_kernels
+    if _registration.extension_disabled():
+        assert not ops.extension_available() and not compiled
     assert ops.extension_available("cpu") == ("CPU" in _registration.COMPILED_BACKENDS)
-    for key in ("CPU", "CUDA"):  # every backend has a kernel, compiled or Python
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(_registration.QUALNAME, key)
+    assert _registration.qp_ipm_available() == (("qp_ipm", "CPU") in compiled)
+    # The extension's list of its kernels is what the dispatcher holds; the pure-PyTorch
+    # kernel (CompositeExplicitAutograd) serves every other backend.
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for name in SCHEMAS:
+        for key in ("CPU", "CUDA"):
+            assert has(f"implicit_torch::{name}", key) == ((name, key) in compiled), (name, key)
+        assert has(f"implicit_torch::{name}", "CompositeExplicitAutograd")
 
 
 @pytest.mark.skipif(
@@ -238,6 +257,24 @@ def test_empty_batches_and_systems(device, B, n):
     x, info = ops.batched_cg(A, b)
     assert x.shape == (B, n) and info.iterations.shape == (B,) and info.residual_norm.shape == (B,)
     assert bool((info.iterations == 0).all()) and bool(info.converged.all())
+    assert bool((info.residual_norm == 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [3, 40])
+def test_outputs_are_fully_written(device, n):
+    # The kernels allocate their outputs uninitialised (at::empty) and must write every entry.
+    # Freed NaN-filled blocks make it likely that the allocator hands back dirty memory.
+    B = 9
+    A, b = spd_batch(B, n, seed=50 + n, device=device), rhs(B, n, seed=51, device=device)
+    for _ in range(3):
+        garbage = [torch.full((size,), math.nan, device=device) for size in (B * n, B, B)]
+        del garbage
+        x, it, res = op(A, b, None, 1e-10, 0.0, 10 * n)
+        assert bool(torch.isfinite(x).all()) and bool(torch.isfinite(res).all())
+        xr, itr, resr = batched_cg_reference(A, b, None, 1e-10, 0.0, 10 * n)
+        assert (it - itr).abs().max() <= 2 and rel_err(x, xr) < 1e-9
+        torch.testing.assert_close(res, resr, rtol=0.05, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -307,6 +344,26 @@ def test_nan_and_inf_stop_unconverged(device, bad):
     assert info.converged.tolist() == [False, False, True]
     assert int(info.iterations.max()) < 1000
     assert rel_err(x[2:], solve64(A[2:], b[2:])) < 1e-9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [5, 40])
+@pytest.mark.parametrize("maxiter", [0, 5])
+def test_infinite_x0_is_reported_as_the_reference_does(device, n, maxiter):
+    # x0 = +Inf in one entry and A > 0 entrywise: b − A x0 = −Inf everywhere, so with
+    # maxiter = 0 the residual norm is Inf; one step makes x NaN (alpha = Inf / Inf) and the
+    # NaN curvature then stops it. Every kernel must report what the reference does (the CUDA
+    # warp kernel once turned the Inf into NaN: 0 · Inf in the lanes beyond n).
+    A = (n * torch.eye(n, dtype=f64) + 1.0).expand(2, n, n).contiguous().to(device)
+    b = torch.ones(2, n, dtype=f64, device=device)
+    x0 = torch.zeros(2, n, dtype=f64, device=device)
+    x0[0, 1] = math.inf
+    x, it, res = op(A, b, x0, 1e-10, 0.0, maxiter)
+    xr, itr, resr = batched_cg_reference(A.cpu(), b.cpu(), x0.cpu(), 1e-10, 0.0, maxiter)
+    assert it.tolist() == itr.tolist()
+    torch.testing.assert_close(res.cpu(), resr, equal_nan=True)
+    torch.testing.assert_close(x.cpu(), xr, equal_nan=True)
+    assert math.isinf(resr[0]) if maxiter == 0 else math.isnan(resr[0])
 
 
 def test_jacobi_with_nonpositive_diagonal_stops_at_once():
@@ -557,3 +614,157 @@ def test_cuda_current_stream():
         x = ops.batched_cg(A2, b2, rtol=1e-12)[0]
     stream.synchronize()
     torch.testing.assert_close(x, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA only: the launch variants (IMPLICIT_TORCH_CG_* environment variables, read at every
+# call) give the semantics of the default launch
+# ------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "auto": {},
+    "global": {"IMPLICIT_TORCH_CG_STRATEGY": "global"},
+    "smem-cap-16k": {"IMPLICIT_TORCH_CG_SMEM_CAP_BYTES": "16384"},
+    "smem-cap-0": {"IMPLICIT_TORCH_CG_SMEM_CAP_BYTES": "0"},  # vectors in the workspace too
+    "multiblock": {"IMPLICIT_TORCH_CG_STRATEGY": "multiblock"},
+    "multiblock-1": {"IMPLICIT_TORCH_CG_STRATEGY": "multiblock", "BLOCKS": "1"},
+    "multiblock-3": {"IMPLICIT_TORCH_CG_STRATEGY": "multiblock", "BLOCKS": "3"},
+    # 64 asked: fewer when the columns do not divide evenly (a whole number of groups each)
+    "multiblock-64": {"IMPLICIT_TORCH_CG_STRATEGY": "multiblock", "BLOCKS": "64"},
+}
+# What IMPLICIT_TORCH_CG_LOG_PLAN reports for n > 32.
+VARIANT_KIND = {"global": "matrix_in_smem=0", "smem-cap-0": "vectors_in_smem=0"}
+
+
+def _use_variant(monkeypatch, variant, log=False):
+    """Set the variant's environment (and, with ``log``, the plan log) for the calls that
+    follow."""
+    for key in ("STRATEGY", "SMEM_CAP_BYTES", "BLOCKS_PER_SYSTEM", "LOG_PLAN"):
+        monkeypatch.delenv(f"IMPLICIT_TORCH_CG_{key}", raising=False)
+    for key, value in VARIANTS[variant].items():
+        key = "IMPLICIT_TORCH_CG_BLOCKS_PER_SYSTEM" if key == "BLOCKS" else key
+        monkeypatch.setenv(key, value)
+    if log:
+        monkeypatch.setenv("IMPLICIT_TORCH_CG_LOG_PLAN", "1")
+
+
+def _logged_plan(call):
+    """``(result, plan description)`` of one op call with IMPLICIT_TORCH_CG_LOG_PLAN set."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = call()
+    plans = [str(w.message) for w in caught if "batched_cg CUDA launch" in str(w.message)]
+    assert plans, "no launch was logged"
+    return out, plans[-1]
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("n,B", [(33, 5), (64, 3), (130, 2), (257, 4), (1024, 1)])
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_cuda_variants_match_reference(monkeypatch, variant, dtype, n, B, jacobi):
+    _use_variant(monkeypatch, variant, log=True)
+    A = spd_batch(B, n, dtype, cond=30.0, seed=n, device="cuda")
+    if n == 64:  # misaligned: no 16-byte loads
+        flat = torch.empty(B * n * n + 1, dtype=dtype, device="cuda")
+        A = flat[1:].view(B, n, n).copy_(A)
+    b = rhs(B, n, dtype, seed=n + 1, device="cuda")
+    x0 = rhs(B, n, dtype, seed=n + 2, device="cuda") if n % 2 else None
+    rtol, maxiter = (1e-11 if dtype == torch.float64 else 1e-5), 10 * n + 50
+    (x, it, res), plan = _logged_plan(lambda: op(A, b, x0, rtol, 0.0, maxiter, jacobi))
+    expected = "multiblock" if variant.startswith("multiblock") else "block per system"
+    assert expected in plan and VARIANT_KIND.get(variant, "") in plan, plan
+    if variant.startswith("multiblock-"):  # as many as asked, fewer if columns run out
+        blocks = int(re.search(r"blocks_per_system=(\d+)", plan).group(1))
+        asked = int(VARIANTS[variant]["BLOCKS"])
+        assert 1 <= blocks <= asked and (blocks == asked or asked == 64), plan
+    xr, itr, _ = batched_cg_reference(
+        A.cpu(), b.cpu(), None if x0 is None else x0.cpu(), rtol, 0.0, maxiter, jacobi
+    )
+    slack = 3 if dtype == torch.float64 else 5
+    assert (it.cpu() - itr).abs().max() <= slack, (it.tolist(), itr.tolist())
+    tol = 1e-8 if dtype == torch.float64 else 2e-3
+    assert rel_err(x, xr) < tol and rel_err(x, solve64(A, b)) < tol
+    torch.testing.assert_close(res.double().cpu(), true_residual(A, b, x), rtol=0.05, atol=1e-5)
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cuda_variants_stop_each_system_on_its_own(monkeypatch, variant):
+    # Identity (1 step), a hard system, an indefinite one (curvature stop), NaN data, an
+    # exact warm start (0 steps): each stops as the reference does, with maxiter cutting the
+    # hard one; a fixed iteration count (rtol = 0) compares the iterates themselves.
+    _use_variant(monkeypatch, variant)
+    n = 96
+    eig = torch.linspace(-1.0, 2.0, n, dtype=f64)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen(60), dtype=f64))
+    hard = spd_batch(2, n, cond=1e3, seed=61)
+    A = torch.stack([torch.eye(n, dtype=f64), hard[0], Q @ torch.diag(eig) @ Q.T, hard[1], hard[1]])
+    A[3, 5, 7] = math.nan
+    b = rhs(5, n, seed=62)
+    x0 = torch.zeros(5, n, dtype=f64)
+    x0[4] = torch.linalg.solve(A[4], b[4])
+    A, b, x0 = A.cuda(), b.cuda(), x0.cuda()
+    for rtol, maxiter in [(1e-10, 1000), (1e-10, 7), (0.0, 12)]:
+        x, it, res = op(A, b, x0, rtol, 0.0, maxiter)
+        xr, itr, _ = batched_cg_reference(A.cpu(), b.cpu(), x0.cpu(), rtol, 0.0, maxiter)
+        it, itr = it.tolist(), itr.tolist()
+        assert it[0] == itr[0] == 1 and it[3] == itr[3] == 0  # identity; NaN curvature
+        assert it[4] == itr[4] == (0 if rtol else maxiter)  # exact warm start
+        assert abs(it[1] - itr[1]) <= 3 and abs(it[2] - itr[2]) <= 3
+        if maxiter < 100:
+            assert it[1] == itr[1] == maxiter  # the hard system is cut by the cap
+        keep = [0, 1, 4] if maxiter < 100 else [0, 4]
+        assert rel_err(x[keep], xr[keep]) < 1e-8
+        assert bool(res[3].isnan())
+
+
+@cuda
+@needs_gpu
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("IMPLICIT_TORCH_CG_STRATEGY", "fastest"),
+        ("IMPLICIT_TORCH_CG_SMEM_CAP_BYTES", "-5"),
+        ("IMPLICIT_TORCH_CG_BLOCKS_PER_SYSTEM", "two"),
+    ],
+)
+def test_cuda_bad_variant_environment_raises(monkeypatch, key, value):
+    monkeypatch.setenv(key, value)
+    A, b = spd_batch(2, 40, device="cuda"), rhs(2, 40, device="cuda")
+    with pytest.raises(ValueError, match=key):
+        op(A, b, None, 1e-6, 0.0, 100)
+
+
+@cuda
+@needs_gpu
+def test_cuda_threads_with_different_shared_memory_sizes():
+    # Two host threads launching the block kernel with different dynamic shared memory sizes
+    # above 48 KB (float64, n = 80: 59 KB; n = 120: 123 KB): the kernel attribute is set once
+    # to the device maximum, so neither launch can find it lowered by the other.
+    problems = {
+        n: (spd_batch(4, n, seed=n, device="cuda"), rhs(4, n, seed=n, device="cuda"))
+        for n in (80, 120)
+    }
+    expected = {n: op(A, b, None, 1e-10, 0.0, 2000)[0] for n, (A, b) in problems.items()}
+    errors = []
+
+    def run(n):
+        try:
+            A, b = problems[n]
+            for _ in range(50):
+                torch.testing.assert_close(op(A, b, None, 1e-10, 0.0, 2000)[0], expected[n])
+        except Exception as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in (80, 120, 80, 120)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

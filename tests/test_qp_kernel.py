@@ -1,6 +1,8 @@
-"""The compiled interior-point kernel of QP (implicit_torch::qp_ipm, csrc/cpu/qp_ipm_cpu.cpp)
-against the batched PyTorch loop it replaces on the CPU: same iterates, iteration counts,
-errors and convergence flags; when it is (not) used; opcheck; bad input."""
+"""implicit_torch::qp_ipm, the interior-point iterations of QP: the compiled CPU kernel
+(csrc/cpu/qp_ipm_cpu.cpp) against the batched PyTorch loop of QP it replaces (same iterates,
+iteration counts, errors and convergence flags; when it is (not) used), the pure-PyTorch
+fallback kernel (implicit_torch/ops/_qp_reference.py) against both, opcheck and bad input.
+Tests of the compiled kernel skip without the extension; the fallback's always run."""
 
 import pytest
 import torch
@@ -10,14 +12,17 @@ from problems import random_qp
 import implicit_torch.solvers.qp as qp_module
 from implicit_torch import ops
 from implicit_torch.ops import _registration
+from implicit_torch.ops._qp_reference import qp_ipm_reference
 from implicit_torch.solvers.qp import _IPM, QP, _Data
 
-pytestmark = pytest.mark.skipif(
+needs_kernel = pytest.mark.skipif(
     not _registration.qp_ipm_available(), reason="the compiled extension is not loaded"
 )
 DT = torch.float64
+op = torch.ops.implicit_torch.qp_ipm
 
 
+@needs_kernel
 def test_the_extension_has_the_kernel():
     # A loaded extension without qp_ipm is a stale build: this must not pass silently.
     assert ops.extension_available() and _registration.qp_ipm_available()
@@ -41,6 +46,7 @@ def assert_same(kernel, loop, atol):
     torch.testing.assert_close(kernel.state.error, loop.state.error, rtol=1e-3, atol=1e-14)
 
 
+@needs_kernel
 @pytest.mark.parametrize("p", [0, 2])
 @pytest.mark.parametrize("shared", [False, True])
 def test_kernel_matches_pytorch_loop(monkeypatch, p, shared):
@@ -56,6 +62,7 @@ def test_kernel_matches_pytorch_loop(monkeypatch, p, shared):
     assert_same(kernel, loop, atol=1e-10)
 
 
+@needs_kernel
 def test_kernel_matches_loop_in_float32_compute(monkeypatch):
     Q, c, _, _, G, h = random_qp(1, B=8, n=5, m=6, p=0)
     kernel, loop = run_both(monkeypatch, (Q, c), None, (G, h), compute_dtype=torch.float32)
@@ -63,6 +70,7 @@ def test_kernel_matches_loop_in_float32_compute(monkeypatch):
     assert torch.equal(kernel.state.converged, loop.state.converged)
 
 
+@needs_kernel
 def test_kernel_gradients_match_loop(monkeypatch):
     Q, c, A, b, G, h = random_qp(2, B=4, n=5, m=7, p=1)
     w = torch.randn(4, 5, generator=torch.Generator().manual_seed(0), dtype=DT)
@@ -76,6 +84,7 @@ def test_kernel_gradients_match_loop(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7)
 
 
+@needs_kernel
 def test_infeasible_problem_is_reported_the_same(monkeypatch):
     with pytest.warns(Warning, match="did not converge"):
         kernel, loop = run_both(monkeypatch, *infeasible(), maxiter=30)
@@ -83,6 +92,7 @@ def test_infeasible_problem_is_reported_the_same(monkeypatch):
     torch.testing.assert_close(kernel.state.error, loop.state.error, rtol=1e-6, atol=0)
 
 
+@needs_kernel
 def test_nan_data_is_not_converged(monkeypatch):
     Q, c, _, _, G, h = random_qp(3, B=3, n=4, m=5, p=0)
     c = c.clone()
@@ -103,6 +113,7 @@ def kernel_args(ipm):
     return (ipm.K, ipm.q.squeeze(1), ipm.M1, ipm.W, ipm.T, ipm.neg_Gt, 50, 1e-10, 1e-6, 3)
 
 
+@needs_kernel
 def test_kernel_is_used_only_where_it_applies():
     solver = QP()
     ipm = ipm_for(0)
@@ -125,8 +136,11 @@ def test_unrolled_qp_differentiates_through_the_loop():
 
 
 def test_opcheck():
+    # The compiled kernel when loaded, the pure-PyTorch one otherwise (both: CI runs this file
+    # with and without the extension).
     args = kernel_args(ipm_for(5, p=1))
-    torch.library.opcheck(torch.ops.implicit_torch.qp_ipm.default, args)
+    torch.library.opcheck(op.default, args)
+    torch.library.opcheck(op.default, op_inputs(*random_qp(6, B=2, n=3, m=4, p=0)))
 
 
 @pytest.mark.parametrize(
@@ -140,10 +154,13 @@ def test_opcheck():
 def test_bad_input_raises_clear_errors(index, value, match):
     args = list(kernel_args(ipm_for(6)))
     args[index] = value
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
-        torch.ops.implicit_torch.qp_ipm(*args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        op(*args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        qp_ipm_reference(*args)
 
 
+@needs_kernel
 def test_singular_q_is_reported_by_both_paths(monkeypatch):
     # A linear program (Q = 0) is outside the interior point's assumptions (Qₛ definite): both
     # paths must say so rather than return a silent answer.
@@ -157,12 +174,14 @@ def test_singular_q_is_reported_by_both_paths(monkeypatch):
     assert not bool(kernel.state.converged.any()) and not bool(loop.state.converged.any())
 
 
+@needs_kernel
 def test_large_problems_use_the_batched_loop(monkeypatch):
     monkeypatch.setattr(qp_module, "_KERNEL_MAX_CONSTRAINTS", 5)
     assert not QP()._use_compiled_kernel(ipm_for(7, m=6))
     assert QP()._use_compiled_kernel(ipm_for(7, m=5))
 
 
+@needs_kernel
 def test_threads_do_not_change_the_result(monkeypatch):
     Q, c, _, _, G, h = random_qp(8, B=32, n=6, m=7, p=0)
     monkeypatch.setattr(qp_module, "_USE_COMPILED_KERNEL", True)
@@ -176,3 +195,121 @@ def test_threads_do_not_change_the_result(monkeypatch):
         torch.set_num_threads(threads)
     assert torch.equal(outs[0].params.primal, outs[1].params.primal)
     assert torch.equal(outs[0].state.iter_num, outs[1].state.iter_num)
+
+
+# ------------------------------------------------------------------------------------------
+# The pure-PyTorch kernel (the op's fallback without the extension)
+# ------------------------------------------------------------------------------------------
+
+
+def op_inputs(Q, c, A, b, G, h, maxiter=50, tol=1e-10, acceptable_tol=1e-6, patience=3):
+    """The op's arguments for batched data, formed from their definitions in csrc/qp_ipm.h
+    (independently of QP's own construction)."""
+    Qs = 0.5 * (Q + Q.mT)
+    C = torch.cat([A, G], 1) if A is not None else G
+    n, k, m = Q.shape[-1], C.shape[1], G.shape[1]
+    Qinv = torch.linalg.inv(Qs)
+    K = torch.cat([torch.cat([Qs, C.mT], -1), torch.cat([C, C.new_zeros(C.shape[0], k, k)], -1)], 1)
+    q = torch.cat([c, -b, -h] if A is not None else [c, -h], -1)
+    M1 = -torch.cat([Qinv, Qinv @ C.mT], -1)
+    W = C @ Qinv @ C.mT
+    eye = torch.eye(k, dtype=Q.dtype).expand(Q.shape[0], k, k)
+    T = torch.cat([-C @ Qinv, eye, C @ Qinv @ G.mT], -1)
+    assert K.shape[1] == n + k and T.shape[-1] == n + k + m
+    return K, q, M1, W, T, -G.mT, maxiter, tol, acceptable_tol, patience
+
+
+def qp_data(seed, p, **kw):
+    Q, c, A, b, G, h = random_qp(seed, **kw, p=p)
+    return (Q, c, A, b, G, h) if p else (Q, c, None, None, G, h)
+
+
+@needs_kernel
+@pytest.mark.parametrize("p", [0, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_matches_kernel(p, dtype):
+    data = [None if t is None else t.to(dtype) for t in qp_data(10 + p, p, B=12, n=7, m=9)]
+    tol, acceptable = (1e-10, 1e-6) if dtype == torch.float64 else (1e-6, 1e-3)
+    args = op_inputs(*data, tol=tol, acceptable_tol=acceptable)
+    z, iters, error, converged = op(*args)  # the compiled kernel
+    zr, itr, er, cr = qp_ipm_reference(*args)
+    assert bool(converged.all()) and torch.equal(converged, cr)
+    if dtype == torch.float64:
+        assert torch.equal(iters, itr)
+        torch.testing.assert_close(zr, z, atol=1e-10, rtol=0)
+        torch.testing.assert_close(er, error, rtol=1e-3, atol=1e-14)
+    else:  # the kernel's sums run in another order, which can move the stop by one step
+        same = iters == itr
+        assert int((iters - itr).abs().max()) <= 1 and int(same.sum()) >= 8
+        torch.testing.assert_close(zr[same], z[same], atol=1e-4, rtol=0)
+        torch.testing.assert_close(zr, z, atol=1e-3, rtol=0)
+
+
+@needs_kernel
+def test_reference_matches_kernel_when_they_stop_early():
+    # An infeasible problem (stalls unconverged), a problem cut by maxiter, degenerate data
+    # whose first factorisation fails (NaN), NaN data and a good problem, in one batch.
+    (Q, c), _, (G, h) = infeasible()
+    good = random_qp(3, B=1, n=2, m=2, p=0)
+    Q = torch.stack([Q, good[0][0], Q, Q])
+    c = torch.stack([c, good[1][0], torch.full_like(c, float("nan")), c])
+    G, h = torch.stack([G, good[4][0], G, G]), torch.stack([h, good[5][0], h, h])
+    args = list(op_inputs(Q, c, None, None, G, h))
+    args[3] = args[3].clone()
+    args[3][3] = -1.0  # W negative definite: the start cannot be factored
+    for maxiter in (50, 2):
+        args[6] = maxiter
+        kernel, ref = op(*args), qp_ipm_reference(*args)
+        assert torch.equal(kernel[1], ref[1]) and torch.equal(kernel[3], ref[3])
+        torch.testing.assert_close(ref[0], kernel[0], atol=1e-10, rtol=0, equal_nan=True)
+        torch.testing.assert_close(ref[2], kernel[2], rtol=1e-6, atol=0, equal_nan=True)
+    assert ref[3].tolist() == [False, False, False, False]  # maxiter 2 stops the good one too
+    assert bool(ref[0][3].isnan().all()) and bool(ref[2][3].isnan()) and ref[1][3] == 0
+
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_reference_matches_the_qp_loop(monkeypatch, p):
+    # The batched PyTorch loop of QP runs the same iterations on its own construction.
+    data = qp_data(20 + p, p, B=8, n=6, m=7)
+    monkeypatch.setattr(qp_module, "_USE_COMPILED_KERNEL", False)
+    out = QP().run(None, data[:2], data[2:4] if p else None, data[4:])
+    z, iters, error, converged = qp_ipm_reference(*op_inputs(*data))
+    assert bool(converged.all()) and torch.equal(out.state.converged, converged)
+    assert torch.equal(out.state.iter_num, iters)
+    torch.testing.assert_close(z[:, :6], out.params.primal, atol=1e-10, rtol=0)
+    torch.testing.assert_close(z[:, 6 + p :], out.params.dual_ineq, atol=1e-10, rtol=0)
+    torch.testing.assert_close(error, out.state.error, rtol=1e-3, atol=1e-14)
+
+
+def test_reference_solves_the_kkt_conditions():
+    # An independent check of the answer: stationarity, feasibility, complementarity, λ ≥ 0.
+    Q, c, A, b, G, h = random_qp(30, B=5, n=6, m=8, p=2)
+    z, _, _, converged = qp_ipm_reference(*op_inputs(Q, c, A, b, G, h))
+    x, nu, lam = z[:, :6], z[:, 6:8], z[:, 8:]
+    assert bool(converged.all())
+    mv = lambda M, v: (M @ v.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    stationarity = mv(Q, x) + c + mv(A.mT, nu) + mv(G.mT, lam)
+    torch.testing.assert_close(stationarity, torch.zeros_like(x), atol=1e-8, rtol=0)
+    torch.testing.assert_close(mv(A, x), b, atol=1e-8, rtol=0)
+    slack = h - mv(G, x)
+    assert bool((slack > -1e-9).all()) and bool((lam > -1e-9).all())
+    assert float((lam * slack).abs().max()) < 1e-8
+
+
+def test_fallback_outputs_do_not_require_grad():
+    args = list(op_inputs(*qp_data(31, 0, B=2, n=3, m=4)))
+    args[1] = args[1].clone().requires_grad_()
+    outs = op(*args)
+    assert not any(t.requires_grad for t in outs)
+
+
+def test_fake_kernel_checks_and_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = op_inputs(*qp_data(32, 1, B=3, n=4, m=5))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        z, iters, error, converged = op(*args)
+        with pytest.raises(ValueError, match="patience"):
+            op(*args[:-1], 0)
+    assert z.shape == (3, 4 + 1 + 5) and iters.dtype == torch.int64
+    assert error.shape == (3,) and converged.dtype == torch.bool

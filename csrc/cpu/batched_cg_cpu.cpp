@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "batched_cg.h"
+#include "registry.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(IMPLICIT_TORCH_NO_AVX2)
@@ -91,6 +92,8 @@ void solve_range(const T* A, const T* b, const T* x0, T* x, int64_t* iterations,
   baseline::solve_range<T>(A, b, x0, x, iterations, residual_norm, work, n, opt, begin, end);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_cg_cpu(const at::Tensor& A,
                                                               const at::Tensor& b,
                                                               const std::optional<at::Tensor>& x0,
@@ -121,8 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batched_cg_cpu(const at::Tensor& 
   return call.outputs();
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(implicit_torch, CPU, m) { m.impl("batched_cg", &batched_cg_cpu); }
+TORCH_LIBRARY_IMPL(implicit_torch, CPU, m) {
+  m.impl("batched_cg", &batched_cg_cpu);
+  note_compiled_kernel("batched_cg", "CPU");
+}
 
 }  // namespace implicit_torch

@@ -1,29 +1,12 @@
 // CPU kernel of implicit_torch::qp_ipm: the iterations of the batched interior-point QP solver
-// (Mehrotra predictor-corrector; implicit_torch/solvers/qp.py, class _IPM, which holds the
-// derivation and is the reference this kernel is tested against).
+// (Mehrotra predictor-corrector; implicit_torch/solvers/qp.py, class _IPM, holds the derivation).
+// Inputs, outputs and semantics: csrc/qp_ipm.h; implicit_torch/ops/_qp_reference.py is the
+// pure-PyTorch version it is tested against.
 //
 // Why a kernel: the problems a QP layer solves are small (tens of variables and constraints),
 // so the batched PyTorch iteration spends most of its time dispatching ~50 tiny operations per
 // iteration. Here each thread takes whole problems and runs every iteration of one problem
 // with its matrices in cache, stopping that problem as soon as it is done.
-//
-// Inputs (float32 or float64, CPU; each problem's matrices as _IPM forms them once, in
-// Python, from the data):
-//   K    (B, N, N)        the symmetric KKT matrix [[Qs, Cᵀ], [C, 0]], C = [A; G], N = n + k
-//   q    (B, N)           [c; -b; -h]
-//   M1   (B, n, n + k)    -[Qs⁻¹, Qs⁻¹ Cᵀ]
-//   W    (B, k, k)        C Qs⁻¹ Cᵀ (k = p + m constraints)
-//   T    (B, k, n + k + m) [-C Qs⁻¹, I, C Qs⁻¹ Gᵀ]: the direction is D0 + y T
-//   nGt  (B, n, m)        -Gᵀ
-// The iterate is u = [x; ν; λ; s] (length N + m). Per problem, as the Python loop does for all:
-//   start (CVXOPT's point), then while error > tol (1 + ‖q‖∞) and the error has improved within
-//   `patience` iterations: one predictor-corrector step, error = KKT error of the new iterate,
-//   keep the best iterate. A Cholesky factorisation that fails (the reduced matrix is not
-//   positive definite: degenerate data, or the precision floor) stops the problem at its best
-//   iterate.
-// Outputs: z (B, N) = the best iterate's [x; ν; λ], iterations (B,) int64, error (B,) and
-// converged (B,) bool = error ≤ tol (1 + ‖q‖∞), or stalled with error ≤ acceptable_tol (1 +
-// ‖q‖∞). NaN errors propagate (never "converged").
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,6 +18,9 @@
 #include <limits>
 #include <tuple>
 #include <vector>
+
+#include "qp_ipm.h"
+#include "registry.h"
 
 namespace implicit_torch {
 namespace {
@@ -297,39 +283,16 @@ void solve_problem(const IPMProblem<T>& P, IPMWork<T>& w, const IPMOptions& opt,
   *converged = best_error <= limit || (stall >= opt.patience && best_error <= acceptable);
 }
 
-void check_input(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                 std::initializer_list<int64_t> shape) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "qp_ipm: ", name, " has dtype ",
-                   t.scalar_type(), " but K has ", ref.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "qp_ipm: ", name, " is on ", t.device(),
-                    " but K is on ", ref.device());
-  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "qp_ipm: ", name, " must have shape ",
-                    at::IntArrayRef(shape), ", got ", t.sizes());
-}
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qp_ipm_cpu(
     const at::Tensor& K, const at::Tensor& q, const at::Tensor& M1, const at::Tensor& W,
     const at::Tensor& Tm, const at::Tensor& nGt, int64_t maxiter, double tol,
     double acceptable_tol, int64_t patience) {
-  TORCH_CHECK_TYPE(K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble,
-                   "qp_ipm: the data must be float32 or float64, got ", K.scalar_type());
+  check_qp_ipm_inputs(K, q, M1, W, Tm, nGt, maxiter, tol, acceptable_tol, patience);
   TORCH_CHECK_VALUE(K.device().is_cpu(), "qp_ipm: the CPU kernel got K on ", K.device());
-  TORCH_CHECK_VALUE(K.dim() == 3 && M1.dim() == 3 && W.dim() == 3 && nGt.dim() == 3,
-                    "qp_ipm: K, M1, W and nGt must be batched matrices (3-d)");
   const int64_t B = K.size(0), N = K.size(1), n = M1.size(1), k = W.size(1), m = nGt.size(2);
   const int64_t p = k - m;
-  TORCH_CHECK_VALUE(m > 0 && p >= 0 && N == n + k, "qp_ipm: inconsistent sizes: N=", N,
-                    ", n=", n, ", k=", k, ", m=", m);
-  check_input(K, "K", K, {B, N, N});
-  check_input(q, "q", K, {B, N});
-  check_input(M1, "M1", K, {B, n, n + k});
-  check_input(W, "W", K, {B, k, k});
-  check_input(Tm, "T", K, {B, k, n + k + m});
-  check_input(nGt, "nGt", K, {B, n, m});
-  TORCH_CHECK_VALUE(maxiter >= 0 && patience >= 1, "qp_ipm: need maxiter >= 0 and patience >= 1");
-  TORCH_CHECK_VALUE(std::isfinite(tol) && std::isfinite(acceptable_tol) && tol >= 0 &&
-                        acceptable_tol >= 0,
-                    "qp_ipm: tol and acceptable_tol must be finite and non-negative");
 
   // Expanded (shared) data is copied once per problem: each problem then reads its own
   // contiguous block.
@@ -365,8 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qp_ipm_cpu(
   return {z, iterations, error, converged};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(implicit_torch, CPU, m) { m.impl("qp_ipm", &qp_ipm_cpu); }
+TORCH_LIBRARY_IMPL(implicit_torch, CPU, m) {
+  m.impl("qp_ipm", &qp_ipm_cpu);
+  note_compiled_kernel("qp_ipm", "CPU");
+}
 
 }  // namespace implicit_torch

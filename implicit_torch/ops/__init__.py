@@ -1,15 +1,19 @@
-"""Fused batched linear-algebra ops: ``batched_cg`` solves many small SPD systems at once.
+"""Fused batched ops: ``batched_cg`` solves many small SPD systems at once; ``qp_ipm`` runs the
+interior-point iterations of :class:`implicit_torch.solvers.QP`.
 
-The work is done by the operator ``torch.ops.implicit_torch.batched_cg`` (schema in
-``csrc/implicit_torch.cpp``), served by the compiled extension ``implicit_torch._C`` (a CPU
-kernel parallel over the batch and, in a CUDA build, a CUDA kernel that solves every system in
-one launch) or, without it, by the pure-PyTorch kernel of :mod:`implicit_torch.ops._reference`,
-which follows the same algorithm step for step. :func:`batched_cg` gives the same results
-either way; :func:`extension_available` says which one runs. ``IMPLICIT_TORCH_NO_EXT=1`` (at
-build or run time) forces the pure-PyTorch kernel.
+The work is done by the operators ``torch.ops.implicit_torch.batched_cg`` and ``.qp_ipm``,
+whose schemas are defined once, in :mod:`implicit_torch.ops._schemas`. They are served by the
+compiled extension ``implicit_torch._C`` (CPU kernels parallel over the batch and, in a CUDA
+build, a CUDA ``batched_cg`` kernel that solves every system in one launch) or, for every
+backend it lacks (no extension at all, CUDA tensors with a CPU-only build, other devices), by
+pure-PyTorch kernels that follow the same algorithms step for step
+(:mod:`implicit_torch.ops._reference`, :mod:`implicit_torch.ops._qp_reference`).
+:func:`batched_cg` gives the same results either way; :func:`extension_available` says which
+one runs. ``IMPLICIT_TORCH_NO_EXT=1`` (at build or run time) forces the pure-PyTorch kernels.
 
-The op is differentiable (``grad_b = A⁻¹ grad_x`` by one more batched CG, ``grad_A =
-−grad_b xᵀ``), has a fake kernel for ``torch.compile`` and a vmap rule.
+``batched_cg`` is differentiable (``grad_b = A⁻¹ grad_x`` by one more batched CG, ``grad_A =
+−grad_b xᵀ``), has a fake kernel for ``torch.compile`` and a vmap rule. ``qp_ipm`` has a fake
+kernel; its outputs are not differentiable (QP differentiates its solution implicitly).
 """
 
 from __future__ import annotations

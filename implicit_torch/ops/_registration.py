@@ -1,19 +1,21 @@
-"""Load the compiled extension and complete the ``implicit_torch::batched_cg`` operator.
+"""Define the ``implicit_torch`` operators and register everything but their compiled kernels.
 
-The operator exists whether or not the extension is built, so that callers (and
-``torch.compile``) always see one op, ``torch.ops.implicit_torch.batched_cg``:
+The operators (``torch.ops.implicit_torch.batched_cg`` and ``.qp_ipm``) exist whether or not
+the extension is built, so that callers and ``torch.compile`` always see the same ops:
 
-* Extension loaded (``implicit_torch._C``): its ``TORCH_LIBRARY`` block defines the schema and
-  its ``TORCH_LIBRARY_IMPL`` blocks register the CPU kernel and, in a CUDA build, the CUDA
-  kernel.
-* Extension absent, failed to load, or disabled with ``IMPLICIT_TORCH_NO_EXT=1``: the same
-  schema is defined here and the pure-PyTorch kernel (:mod:`._reference`) is registered for
-  the CPU and CUDA dispatch keys. A backend the extension was built without (a CPU-only build
-  used with CUDA tensors) also gets the pure-PyTorch kernel.
+1. The compiled extension ``implicit_torch._C`` is imported, unless it is absent, fails to load
+   (one warning line) or is disabled with ``IMPLICIT_TORCH_NO_EXT=1`` (then a build on disk is
+   not loaded at all). Its ``TORCH_LIBRARY_IMPL`` blocks register the CPU kernels and, in a
+   CUDA build, the CUDA kernel of ``batched_cg``; it defines no schema, and its ``KERNELS``
+   attribute lists the ``(op, backend)`` pairs it holds.
+2. The schemas of :mod:`._schemas` are defined, once (the dispatcher checks the compiled
+   kernels' signatures against them).
+3. The pure-PyTorch kernels (:mod:`._reference`, :mod:`._qp_reference`) are registered under
+   ``CompositeExplicitAutograd``: the dispatcher runs them for every backend that has no
+   compiled kernel (no extension, a CPU-only build given CUDA tensors, other devices).
+4. The fake (meta) kernels, the autograd rules and ``batched_cg``'s vmap rule.
 
-In both cases the fake (meta) kernel, the autograd rule and the vmap rule are registered here,
-in Python. A failed load prints one warning line and falls back; a build present on disk is
-not loaded at all when ``IMPLICIT_TORCH_NO_EXT`` is set.
+Only public ``torch.library`` APIs are used.
 """
 
 from __future__ import annotations
@@ -24,30 +26,30 @@ import warnings
 
 import torch
 
+from implicit_torch.ops._qp_reference import check_qp_ipm_inputs, qp_ipm_reference
 from implicit_torch.ops._reference import batched_cg_reference, check_inputs
+from implicit_torch.ops._schemas import NAMESPACE, SCHEMAS
 
 __all__ = [
     "COMPILED_BACKENDS",
+    "QP_IPM_QUALNAME",
     "QUALNAME",
-    "SCHEMA",
     "ExtensionWarning",
+    "compiled_kernels",
     "extension_disabled",
     "extension_module",
+    "qp_ipm_available",
 ]
 
-NAMESPACE = "implicit_torch"
-QUALNAME = "implicit_torch::batched_cg"
-# Must match the m.def(...) string in csrc/implicit_torch.cpp (tests/test_ops.py checks it).
-SCHEMA = (
-    "batched_cg(Tensor A, Tensor b, Tensor? x0, float rtol, float atol, int maxiter, "
-    "bool jacobi=False) -> (Tensor x, Tensor iterations, Tensor residual_norm)"
-)
+QUALNAME = f"{NAMESPACE}::batched_cg"
+QP_IPM_QUALNAME = f"{NAMESPACE}::qp_ipm"
 ENV_DISABLE = "IMPLICIT_TORCH_NO_EXT"
-_BACKENDS = ("CPU", "CUDA")
+_REBUILD = "rebuild it with `pip install --no-build-isolation -e .`"
 
 
 class ExtensionWarning(UserWarning):
-    """The compiled extension could not be loaded; the pure-PyTorch kernel is used instead."""
+    """The compiled extension could not be loaded, or is stale; pure-PyTorch kernels serve
+    what it lacks."""
 
 
 def extension_disabled() -> bool:
@@ -68,7 +70,7 @@ def _load_extension():
             why = f"it failed to load ({type(exc).__name__}: {first_line})"
         warnings.warn(
             f"implicit_torch: compiled extension unavailable, {why}; using the pure-PyTorch "
-            f"batched_cg (set {ENV_DISABLE}=1 to silence).",
+            f"kernels (set {ENV_DISABLE}=1 to silence).",
             ExtensionWarning,
             stacklevel=2,
         )
@@ -78,45 +80,54 @@ def _load_extension():
 
 extension_module = _load_extension()
 
-_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # must stay alive: it owns registrations
-
-
-def _has_schema() -> bool:
-    try:
-        torch._C._dispatch_find_schema_or_throw(QUALNAME, "")
-    except RuntimeError:
-        return False
-    return True
-
-
-if not _has_schema():
-    _LIB.define(SCHEMA)
-elif str(torch.ops.implicit_torch.batched_cg.default._schema) != str(
-    torch._C.parse_schema(f"{NAMESPACE}::{SCHEMA}")
-):
+# The (op, backend) pairs of the compiled kernels, e.g. ("batched_cg", "CPU"). A build without
+# the list predates the single definition of the schemas: it defined them itself.
+compiled_kernels: frozenset[tuple[str, str]] = frozenset(
+    (str(op), str(backend)) for op, backend in getattr(extension_module, "KERNELS", ())
+)
+if extension_module is not None and not hasattr(extension_module, "KERNELS"):
     warnings.warn(
-        "implicit_torch: the compiled extension defines batched_cg with another schema (a stale "
-        "build?); rebuild it with `pip install --no-build-isolation -e .`.",
+        f"implicit_torch: the compiled extension is stale (built from an older version); "
+        f"{_REBUILD}.",
         ExtensionWarning,
         stacklevel=2,
     )
+# Backends with a compiled batched_cg kernel (empty without the extension).
+COMPILED_BACKENDS = tuple(key for key in ("CPU", "CUDA") if ("batched_cg", key) in compiled_kernels)
 
 
-def _python_kernel(A, b, x0, rtol, atol, maxiter, jacobi=False):
-    return batched_cg_reference(A, b, x0, rtol, atol, maxiter, jacobi)
+def qp_ipm_available() -> bool:
+    """Whether the compiled CPU kernel of ``implicit_torch::qp_ipm`` is loaded (without it the
+    op runs the pure-PyTorch iterations of :mod:`._qp_reference`)."""
+    return ("qp_ipm", "CPU") in compiled_kernels
 
 
-# Backends whose kernel is compiled (empty without the extension); the others get Python's.
-COMPILED_BACKENDS = tuple(
-    key for key in _BACKENDS if torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, key)
-)
-for _key in _BACKENDS:
-    if _key not in COMPILED_BACKENDS:
-        _LIB.impl("batched_cg", _python_kernel, _key)
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")  # must stay alive: it owns registrations
+
+for _name, _schema in SCHEMAS.items():
+    if hasattr(getattr(torch.ops, NAMESPACE), _name):  # defined before us: a stale build did
+        warnings.warn(
+            f"implicit_torch: {NAMESPACE}::{_name} was already defined, probably by a stale "
+            f"build of the compiled extension; {_REBUILD}.",
+            ExtensionWarning,
+            stacklevel=2,
+        )
+    else:
+        try:
+            torch.library.define(f"{NAMESPACE}::{_name}", _schema, lib=_LIB)
+        except RuntimeError as exc:  # a compiled kernel's signature does not match the schema
+            raise ImportError(
+                f"implicit_torch: the compiled extension's kernel for {NAMESPACE}::{_name} does "
+                f"not match its schema (a stale build?); {_REBUILD}, or set {ENV_DISABLE}=1. "
+                f"{(str(exc).splitlines() or [''])[0]}"
+            ) from exc
+
+torch.library.impl(QUALNAME, "CompositeExplicitAutograd", batched_cg_reference, lib=_LIB)
+torch.library.impl(QP_IPM_QUALNAME, "CompositeExplicitAutograd", qp_ipm_reference, lib=_LIB)
 
 
 # ------------------------------------------------------------------------------------------
-# Fake kernel: shapes and dtypes only, with the same input checks as the real kernels.
+# Fake kernels: shapes and dtypes only, with the same input checks as the real kernels.
 # ------------------------------------------------------------------------------------------
 
 
@@ -131,11 +142,25 @@ def _fake(A, b, x0, rtol, atol, maxiter, jacobi=False):
     )
 
 
+@torch.library.register_fake(QP_IPM_QUALNAME, lib=_LIB)
+def _qp_ipm_fake(K, q, M1, W, T, nGt, maxiter, tol, acceptable_tol, patience):
+    check_qp_ipm_inputs(K, q, M1, W, T, nGt, maxiter, tol, acceptable_tol, patience)
+    B, N = K.shape[0], K.shape[1]
+    return (
+        K.new_empty((B, N)),
+        K.new_empty((B,), dtype=torch.int64),
+        K.new_empty((B,)),
+        K.new_empty((B,), dtype=torch.bool),
+    )
+
+
 # ------------------------------------------------------------------------------------------
-# Autograd: x = A⁻¹ b with A symmetric, so  grad_b = A⁻¹ grad_x  (one more batched_cg with the
-# same A and options) and  grad_A = −grad_b xᵀ,  the gradient torch.linalg.solve gives.
-# iterations and residual_norm are not differentiable; x0 gets no gradient (the solution does
-# not depend on it).
+# Autograd. batched_cg: x = A⁻¹ b with A symmetric, so  grad_b = A⁻¹ grad_x  (one more
+# batched_cg with the same A and options) and  grad_A = −grad_b xᵀ,  the gradient
+# torch.linalg.solve gives; iterations and residual_norm are not differentiable; x0 gets no
+# gradient (the solution does not depend on it).
+# qp_ipm: no output is differentiable (QP differentiates its solution implicitly, or unrolls
+# its PyTorch loop), so its outputs never require grad.
 # ------------------------------------------------------------------------------------------
 
 
@@ -161,8 +186,22 @@ def _backward(ctx, grad_x, _grad_iterations, _grad_residual_norm):
 torch.library.register_autograd(QUALNAME, _backward, setup_context=_setup_context, lib=_LIB)
 
 
+def _qp_ipm_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _qp_ipm_backward(ctx, *grads):
+    return (None,) * 10
+
+
+torch.library.register_autograd(
+    QP_IPM_QUALNAME, _qp_ipm_backward, setup_context=_qp_ipm_setup_context, lib=_LIB
+)
+
+
 # ------------------------------------------------------------------------------------------
-# vmap: the op is already batched, so a vmapped dimension is folded into the batch dimension.
+# vmap of batched_cg: the op is already batched, so a vmapped dimension is folded into the
+# batch dimension.
 # ------------------------------------------------------------------------------------------
 
 
@@ -189,41 +228,3 @@ def _vmap(info, in_dims, A, b, x0, rtol, atol, maxiter, jacobi=False):
 
 
 torch.library.register_vmap(QUALNAME, _vmap, lib=_LIB)
-
-
-# ------------------------------------------------------------------------------------------
-# implicit_torch::qp_ipm: the interior-point iterations of implicit_torch.solvers.QP, a CPU
-# kernel of the extension only. Without it (no extension, CUDA tensors, torch.func transforms,
-# torch.compile, unrolling) QP runs the same iterations as batched PyTorch operations, which are
-# the reference the kernel is tested against. Not differentiable: QP differentiates its
-# solution implicitly. The fake kernel lets torch.library.opcheck and tracing see its shapes.
-# ------------------------------------------------------------------------------------------
-
-QP_IPM_QUALNAME = "implicit_torch::qp_ipm"
-# Must match the m.def(...) string in csrc/implicit_torch.cpp.
-QP_IPM_SCHEMA = (
-    "qp_ipm(Tensor K, Tensor q, Tensor M1, Tensor W, Tensor T, Tensor nGt, int maxiter, "
-    "float tol, float acceptable_tol, int patience) -> (Tensor z, Tensor iterations, "
-    "Tensor error, Tensor converged)"
-)
-
-
-def qp_ipm_available() -> bool:
-    """Whether the compiled CPU kernel of ``implicit_torch::qp_ipm`` is loaded (a stale build
-    of the extension may predate it)."""
-    return extension_module is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        QP_IPM_QUALNAME, "CPU"
-    )
-
-
-if qp_ipm_available():
-
-    @torch.library.register_fake(QP_IPM_QUALNAME, lib=_LIB)
-    def _qp_ipm_fake(K, q, M1, W, T, nGt, maxiter, tol, acceptable_tol, patience):
-        B, N = K.shape[0], K.shape[1]
-        return (
-            K.new_empty((B, N)),
-            K.new_empty((B,), dtype=torch.int64),
-            K.new_empty((B,)),
-            K.new_empty((B,), dtype=torch.bool),
-        )
