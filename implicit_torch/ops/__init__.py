@@ -18,10 +18,9 @@ kernel; its outputs are not differentiable (QP differentiates its solution impli
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from implicit_torch._result import SolveInfo, status_codes
 from implicit_torch.ops import _registration
 from implicit_torch.ops._reference import batched_cg_reference, check_inputs, default_maxiter
 from implicit_torch.ops._registration import ExtensionWarning
@@ -37,23 +36,9 @@ __all__ = [
 Tensor = torch.Tensor
 
 
-@dataclasses.dataclass
-class BatchedCGInfo:
-    """Per-system diagnostics of :func:`batched_cg` (each a ``(B,)`` tensor).
-
-    Attributes:
-        iterations: CG iterations applied to each system (int64).
-        residual_norm: ``‖b_i − A_i x_i‖`` of the returned ``x`` (absolute, recomputed after
-            the iterations; in the dtype of ``A``).
-        converged: ``residual_norm ≤ max(rtol ‖b_i‖, atol)`` (``False`` for NaN/Inf).
-    """
-
-    iterations: Tensor
-    residual_norm: Tensor
-    converged: Tensor
-
-    def __getitem__(self, field: str) -> Tensor:  # info["iterations"] also works
-        return getattr(self, field)
+# The package's one result type (iterations, residual_norm, converged, status, method, target);
+# the old name stays as an alias for existing callers.
+BatchedCGInfo = SolveInfo
 
 
 def extension_available(device: str | torch.device | None = None) -> bool:
@@ -104,8 +89,10 @@ def batched_cg(
             not positive definite and stops at once, unconverged).
 
     Returns:
-        ``(x, info)``: the ``(B, n)`` solutions and a :class:`BatchedCGInfo`. ``x`` is
-        differentiable in ``A`` and ``b`` (the gradient of ``A⁻¹b``, as from
+        ``(x, info)``: the ``(B, n)`` solutions and a :class:`~implicit_torch.SolveInfo` (per
+        system: ``iterations``, ``residual_norm`` ``‖b_i − A_i x_i‖`` recomputed after the
+        iterations, ``converged``, ``status``, and the ``target`` ``max(rtol ‖b_i‖, atol)``).
+        ``x`` is differentiable in ``A`` and ``b`` (the gradient of ``A⁻¹b``, as from
         ``torch.linalg.solve``; the backward pass is one more batched CG with the same
         options).
 
@@ -123,4 +110,5 @@ def batched_cg(
     with torch.no_grad():
         threshold = torch.clamp(rtol * torch.linalg.vector_norm(b, dim=-1), min=atol)
         converged = (residual_norm <= threshold) & torch.isfinite(residual_norm)
-    return x, BatchedCGInfo(iterations, residual_norm, converged)
+        status = status_codes(converged, residual_norm)
+    return x, SolveInfo(iterations, residual_norm, converged, status, "batched_cg", threshold)
