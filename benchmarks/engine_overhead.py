@@ -15,7 +15,7 @@ warm-up; every configuration runs in one process, so the ratios compare like wit
 ``--json PATH`` writes the medians, so that two checkouts can be compared
 (``PYTHONPATH=<checkout> python benchmarks/engine_overhead.py``).
 
-Usage: ``python benchmarks/engine_overhead.py [--sizes 20 100] [--threads 1]``
+Usage: ``python benchmarks/engine_overhead.py [--sizes 20 100] [--threads 1] [--device cuda]``
 """
 
 from __future__ import annotations
@@ -31,22 +31,22 @@ import implicit_torch as it
 DT = torch.float64
 
 
-def make_problem(n: int, seed: int = 0):
+def make_problem(n: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     m = 2 * n
     X = torch.randn(m, n, generator=g, dtype=DT) / m**0.5
     y = torch.randn(m, generator=g, dtype=DT)
     Xv = torch.randn(m, n, generator=g, dtype=DT) / m**0.5
     yv = torch.randn(m, generator=g, dtype=DT)
-    return X, y, Xv, yv
+    return tuple(t.to(device) for t in (X, y, Xv, yv))
 
 
 def hand_written(X, y, Xv, yv):
     """The implicit gradient written out by hand (what a user would write without a library)."""
-    lam = torch.tensor(1.0, dtype=DT, requires_grad=True)
+    lam = torch.tensor(1.0, dtype=DT, device=X.device, requires_grad=True)
 
     def step():
-        H = X.T @ X + lam.detach() * torch.eye(X.shape[1], dtype=DT)
+        H = X.T @ X + lam.detach() * torch.eye(X.shape[1], dtype=DT, device=X.device)
         w = torch.linalg.solve(H, X.T @ y)
         w_ = w.detach().requires_grad_()
         loss = ((Xv @ w_ - yv) ** 2).sum()
@@ -63,10 +63,10 @@ def with_engine(X, y, Xv, yv, solve: str):
 
     @it.custom_root(optimality, solve=solve)
     def ridge(init, lam, X, y):
-        H = X.T @ X + lam * torch.eye(X.shape[1], dtype=DT)
+        H = X.T @ X + lam * torch.eye(X.shape[1], dtype=DT, device=X.device)
         return torch.linalg.solve(H, X.T @ y)
 
-    lam = torch.tensor(1.0, dtype=DT, requires_grad=True)
+    lam = torch.tensor(1.0, dtype=DT, device=X.device, requires_grad=True)
 
     def step():
         w = ridge(None, lam, X, y)
@@ -84,17 +84,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-time", type=float, default=0.5)
     ap.add_argument("--json", help="write the medians (ms) here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dry-run", action="store_true", help="parse the arguments and stop")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        return {}
     torch.set_num_threads(args.threads)
     results: dict = {}
-    print(f"torch {torch.__version__}, {args.threads} thread(s), float64; medians in ms")
+    print(
+        f"torch {torch.__version__}, {args.device}, {args.threads} thread(s), float64; "
+        "medians in ms"
+    )
     print(f"{'n':>5} {'method':>22} {'ms':>9} {'/ hand':>8}")
     for n in args.sizes:
-        data = make_problem(n)
+        data = make_problem(n, device=args.device)
         steps = {"hand": hand_written(*data)}
         steps.update({f"custom_root[{s}]": with_engine(*data, s) for s in args.solves})
         ref = steps["hand"]()
-        for name, fn in steps.items():
+        for fn in steps.values():
             torch.testing.assert_close(fn(), ref, rtol=1e-6, atol=1e-10)  # same hypergradient
         for name, fn in steps.items():
             t = tb.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=args.min_time)

@@ -15,7 +15,7 @@
 #   variants    benchmarks/batched_cg.py --variants: the CUDA launch variants side by side
 #   benchmark   benchmarks/batched_cg.py on the GPU (fused kernel vs torch baselines)
 #   cpu-tests   the CPU tests of the ops (same build)
-#   overhead    benchmarks/hypergradient.py --quick on the GPU, if it takes --device
+#   overhead    benchmarks/engine_overhead.py on the GPU (custom_root vs hand-written)
 #
 # GPU_CHECK_DRY_RUN=1 runs every step up to the first use of a GPU, on any machine: env
 # detection (without asserting a GPU), the build command (printed, not run), test selection
@@ -203,16 +203,11 @@ else
   run_step cpu-tests 90 "${PYTEST[@]}" -m "not cuda" "${CPU_TESTS[@]}"
 fi
 
-# The overhead benchmark's small problems, when it can run on the GPU.
-if grep -q -- '"--device"' benchmarks/hypergradient.py; then
-  if [[ $DRY == 1 ]]; then
-    run_step overhead 30 "$PYTHON" benchmarks/hypergradient.py --help
-  else
-    run_step overhead 60 "$PYTHON" benchmarks/hypergradient.py --quick --device cuda --no-rss \
-      --no-profile
-  fi
+# The overhead benchmark's small problems on the GPU (per-call cost of custom_root, eager).
+if [[ $DRY == 1 ]]; then
+  run_step overhead 30 "$PYTHON" benchmarks/engine_overhead.py --device cuda --dry-run
 else
-  skip_step overhead "benchmarks/hypergradient.py has no --device option"
+  run_step overhead 60 "$PYTHON" benchmarks/engine_overhead.py --device cuda --min-time 0.2
 fi
 
 # ---------------------------------------------------------------------------------------
