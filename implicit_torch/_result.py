@@ -21,11 +21,14 @@ iterative solvers             1e-3       1e-3       JAXopt's default ``tol``
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import enum
 import math
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -34,11 +37,14 @@ from implicit_torch._errors import ConvergenceError, ConvergenceWarning, Indefin
 __all__ = [
     "DEFAULT_RTOL",
     "ON_FAILURE",
+    "FailureLog",
     "SolveInfo",
     "Status",
     "check_maxiter",
     "check_on_failure",
     "check_tolerances",
+    "collecting",
+    "current_log",
     "default_rtol",
     "report",
     "status_codes",
@@ -188,6 +194,75 @@ def default_rtol(dtype: torch.dtype, kind: str = "linear") -> float:
 # The reporter
 # --------------------------------------------------------------------------------------------
 
+
+class FailureLog:
+    """Counts the failures reported while it collects (see :func:`collecting`), and thins the
+    warnings out: a training loop that fails every step warns at the 1st, 10th, 100th, ...
+    failure of each kind, each time with the count, instead of every step.
+
+    ``on_failure="raise"`` is not thinned. The counts are kept whatever is shown.
+
+    Attributes:
+        counts: failures by ``(who, what)``, e.g. ``("solve_gmres", "did not converge")``.
+        last: the last message, shown or not.
+        hint: appended to every message shown (what to do in the owner's terms).
+    """
+
+    def __init__(self, hint: str = ""):
+        self.counts: collections.Counter = collections.Counter()
+        self.last: str | None = None
+        self.hint = hint
+
+    @property
+    def total(self) -> int:
+        """All failures recorded."""
+        return sum(self.counts.values())
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.last = None
+
+    def record(self, key: tuple[str, str], msg: str) -> str | None:
+        """Count one failure; the message to show now (with the count), or ``None``."""
+        self.counts[key] += 1
+        self.last = msg
+        n = self.counts[key]
+        if n != 10 ** int(math.log10(n)):  # 1, 10, 100, ...
+            return None
+        tail = f" {self.hint}" if self.hint else ""
+        if n > 1:
+            tail += (
+                f" [failure {n} of this kind here; the 1st, 10th, 100th, ... are shown, the "
+                f"counts are in the layer's `failures`]"
+            )
+        return msg + tail
+
+
+_active = threading.local()
+
+
+def current_log() -> FailureLog | None:
+    """The log collecting in this thread, if any (the engine keeps it for the backward)."""
+    stack = _active.__dict__.get("stack")
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def collecting(log: FailureLog | None) -> Iterator[FailureLog | None]:
+    """Within this block (this thread), failures reported with ``on_failure="warn"`` go
+    through ``log`` (counted, and thinned out; see :class:`FailureLog`). ``None``: no change.
+    """
+    if log is None:
+        yield None
+        return
+    stack = _active.__dict__.setdefault("stack", [])
+    stack.append(log)
+    try:
+        yield log
+    finally:
+        stack.pop()
+
+
 # What went wrong, by status: a headline (which "on k of n systems" follows) and a detail.
 _EXPLAIN: dict[Status, tuple[str, str]] = {
     Status.MAX_ITERATIONS: ("did not converge", ""),
@@ -280,4 +355,9 @@ def report(
     if on_failure == "raise":
         error = IndefiniteSystemError if code == Status.INDEFINITE else ConvergenceError
         raise error(msg)
+    stack = _active.__dict__.get("stack")
+    if stack:
+        msg = stack[-1].record((who, headline), msg)
+        if msg is None:
+            return
     warnings.warn(msg, ConvergenceWarning, stacklevel=stacklevel)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from implicit_torch import _runtime
+from implicit_torch import _result, _runtime
 from implicit_torch._tree import (
     Raveler,
     tree_flatten,
@@ -62,6 +62,9 @@ class Problem:
         self.batched = batched
         # A stationarity condition F = ∇ₓf says its Jacobian (a Hessian) is symmetric.
         self.symmetric = getattr(optimality_fn, SYMMETRIC_JACOBIAN, None)
+        # A layer counting its failures (implicit_torch._result.collecting) around the forward
+        # counts those of the backward and jvp too, which run later, outside its forward.
+        self.failure_log = _result.current_log()
         self.raveler = Raveler(sol, batched, what="the solution")
         self.sol_spec = self.raveler.spec
         leaves, self.params_spec = tree_flatten(tuple(params))
@@ -262,7 +265,7 @@ class _ImplicitRoot(torch.autograd.Function):
         saved = ctx.saved_tensors
         n = problem.n_sol()
         # Autocast off, and float16/bfloat16 promoted: the solve runs in float32 or float64.
-        with _runtime.full_precision():
+        with _runtime.full_precision(), _result.collecting(problem.failure_log):
             up = [_runtime.upcast(t) for t in saved]
             grads = problem.vjp(up[:n], up[n:], [_runtime.upcast(g) for g in grad_sol])
         grads = [g if g is None else g.to(t.dtype) for g, t in zip(grads, saved[n:])]
@@ -281,7 +284,11 @@ class _ImplicitRoot(torch.autograd.Function):
         problem: Problem = ctx.problem
         saved = ctx.saved_tensors
         n = problem.n_sol()
-        with _runtime.running_jvp_rule(), _runtime.full_precision():
+        with (
+            _runtime.running_jvp_rule(),
+            _runtime.full_precision(),
+            _result.collecting(problem.failure_log),
+        ):
             up = [_runtime.upcast(t) for t in saved]
             outs = problem.jvp(up[:n], up[n:], [_runtime.upcast(t) for t in tangents[n:]])
         return tuple(o.to(x.dtype) for o, x in zip(outs, saved[:n]))

@@ -2,6 +2,7 @@
 finite differences; autocast, torch.compile and DistributedDataParallel."""
 
 import datetime
+import functools
 import os
 import socket
 import warnings
@@ -669,3 +670,83 @@ def test_birkhoff_projection_layer(kind):
 def test_birkhoff_projection_layer_rejects_non_square_scores():
     with pytest.raises(ValueError, match=r"\(\.\.\., n, n\)"):
         BirkhoffProjection()(torch.ones(3, 4))
+
+
+# --- DEQ in a training loop: the backward's budget, thinned-out warnings, plain functions -------
+
+
+def _expanding_cell(d=6, seed=3):
+    """f(z, x) = tanh(W z + x) with ‖W‖₂ = 3: not a contraction, so the forward misses its
+    tolerance and the backward system (I − ∂f/∂z) is hard."""
+    cell = Cell(d, seed=seed)
+    with torch.no_grad():
+        cell.W.weight.mul_(6.0)
+    return cell
+
+
+def test_deq_backward_budget_follows_the_forward():
+    deq = DEQ(_expanding_cell(), maxiter=7, tol=1e-12)
+    assert deq.backward_maxiter == 14
+    solve = deq.adjoint.solve
+    assert solve.keywords == {"maxiter": 14} and solve.func is it.solve_gmres
+    assert DEQ(Cell(4), maxiter=7, backward_maxiter=3).adjoint.solve.keywords["maxiter"] == 3
+    # A callable of the user's is left alone.
+    mine = functools.partial(it.solve_gmres, maxiter=500)
+    assert DEQ(Cell(4), adjoint=ImplicitAdjoint(mine)).adjoint.solve is mine
+    # The budget is what the backward gets: GMRES stops after 14 Arnoldi steps.
+    x = torch.randn(5, 6, generator=gen(31), dtype=DT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deq(x).sum().backward()
+    backward = [str(w.message) for w in caught if "solve_gmres" in str(w.message)]
+    assert backward and "after 14 iterations" in backward[0] and "backward_maxiter=14" in backward[0]
+
+
+def test_deq_failures_are_counted_and_warnings_thinned_out():
+    deq = DEQ(_expanding_cell(), maxiter=5, tol=1e-12)
+    x = torch.randn(5, 6, generator=gen(32), dtype=DT)
+    steps = 12
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            deq(x).sum().backward()
+    shown = [w for w in caught if issubclass(w.category, it.ConvergenceWarning)]
+    kinds = len(deq.failures.counts)
+    assert kinds >= 2  # the forward solver and the backward solve
+    assert all(n == steps for n in deq.failures.counts.values()), deq.failures.counts
+    # The 1st and the 10th of each kind: 2 per kind instead of 12.
+    assert len(shown) == 2 * kinds, [str(w.message)[:80] for w in shown]
+    assert any("failure 10 of this kind" in str(w.message) for w in shown)
+    deq.failures.reset()
+    assert deq.failures.total == 0
+
+
+def test_deq_raise_is_not_thinned_out():
+    deq = DEQ(_expanding_cell(), maxiter=5, tol=1e-12, on_failure="raise")
+    x = torch.randn(5, 6, generator=gen(33), dtype=DT)
+    for _ in range(3):
+        with pytest.raises(it.ConvergenceError):
+            deq(x)
+
+
+def test_deq_accepts_a_plain_function():
+    """A callable f(z, x) that is not a module: no parameters of its own (its closure is not
+    differentiated: a closed-over tensor requiring grad is an error, as for custom_root)."""
+    W = 0.4 * torch.eye(4, dtype=DT)
+
+    def f(z, x):
+        return torch.tanh(z @ W + x)
+
+    deq = DEQ(f, tol=1e-12, maxiter=200)
+    x = torch.randn(3, 4, generator=gen(34), dtype=DT, requires_grad=True)
+    z = deq(x)
+    torch.testing.assert_close(z, f(z, x))
+    (g,) = torch.autograd.grad(z.sum(), x)
+    zz = z.detach()
+    J = torch.diag_embed(1 - torch.tanh(zz @ W + x.detach()) ** 2)  # ∂f/∂x per sample
+    A = torch.eye(4, dtype=DT) - W.T @ J  # (I − ∂f/∂z)ᵀ for z @ W: ∂f/∂z = J Wᵀ
+    u = torch.linalg.solve(A, torch.ones(3, 4, 1, dtype=DT))
+    torch.testing.assert_close(g, (J @ u).squeeze(-1))
+    W_leaf = W.clone().requires_grad_()
+    with pytest.raises(ValueError, match="closes over"):
+        DEQ(lambda z, x: torch.tanh(z @ W_leaf + x))(x)

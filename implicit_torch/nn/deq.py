@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from implicit_torch._result import check_maxiter, check_on_failure, check_tolerances
-from implicit_torch.adjoint import Adjoint
+from implicit_torch._result import (
+    FailureLog,
+    check_maxiter,
+    check_on_failure,
+    check_tolerances,
+    collecting,
+)
+from implicit_torch.adjoint import Adjoint, ImplicitAdjoint
+from implicit_torch.linear import get_solver, is_builtin
 from implicit_torch.nn.implicit_layer import ImplicitLayer
 from implicit_torch.solvers.anderson import AndersonAcceleration
 from implicit_torch.solvers.base import IterativeSolver
@@ -53,12 +62,28 @@ class DEQ(ImplicitLayer):
     ``warm_start=True`` starts each forward from the previous solution and each implicit
     backward solve from the previous adjoint (see :class:`ImplicitLayer`).
 
+    Cost and failures in a training loop. The backward's linear solve gets a budget that
+    follows the forward's: ``backward_maxiter`` iterations (default ``2 · maxiter``), so that
+    a forward pushed past its tolerance cannot make a backward run for minutes (a GMRES
+    default of ``10 N`` for ``N = batch × features`` unknowns did). A named solver (the
+    default GMRES, or ``ImplicitAdjoint("neumann")``, ...) gets this budget; a callable of the
+    user's is left as it is. Failures of the forward and of the backward are counted in
+    :attr:`failures` (a :class:`~implicit_torch._result.FailureLog`: ``failures.counts``,
+    ``failures.total``, ``failures.last``), and warnings are thinned out: the 1st, 10th,
+    100th, ... failure of each kind warns, with the count and the fix. To turn them into
+    errors, pass ``on_failure="raise"`` (forward) or filter
+    :class:`~implicit_torch.ConvergenceWarning` to ``"error"``; to silence them, filter it to
+    ``"ignore"``.
+
     Args:
         f: the cell ``f(z, x)``; its parameters are the layer's.
         z_shape: ``x -> shape of z``; default: ``x``'s shape.
         forward_solver: ``"anderson"``, ``"broyden"`` or ``"fixed_point"``. (Named apart
             from the adjoint's linear ``solve``, which inverts ``I − ∂_z f`` in the backward.)
-        maxiter, tol, on_failure: of the forward solver.
+        maxiter, tol, on_failure: of the forward solver. ``tol`` bounds the forward solver's
+            error (see the solver's ``error``; for the fixed-point solvers
+            ``‖f(z, x) − z‖``, absolute, over the whole batch).
+        backward_maxiter: iterations of the backward linear solve; default ``2 · maxiter``.
         history_size: iterates mixed by Anderson; Broyden keeps ``4 ·`` this many updates.
         adjoint: how ``z*`` is differentiated; default ``ImplicitAdjoint()`` (GMRES).
         warm_start: see above.
@@ -78,6 +103,7 @@ class DEQ(ImplicitLayer):
         adjoint: Adjoint | None = None,
         warm_start: bool = False,
         on_failure: str = "warn",
+        backward_maxiter: int | None = None,
     ):
         if forward_solver not in FORWARD_SOLVERS:
             raise ValueError(
@@ -85,14 +111,33 @@ class DEQ(ImplicitLayer):
                 f"{forward_solver!r}"
             )
         check_tolerances(tol)
+        maxiter = check_maxiter(maxiter)
+        budget = 2 * maxiter if backward_maxiter is None else check_maxiter(backward_maxiter)
+        self.backward_maxiter = budget
+        failures = FailureLog(
+            hint=(
+                f"In this DEQ the backward solve may take backward_maxiter={budget} iterations "
+                f"(2 × the forward's maxiter by default); a forward that misses its tol makes "
+                f"the backward hard too: raise maxiter / backward_maxiter, make f more "
+                f"contractive, or use PhantomAdjoint for a cheap approximate gradient."
+            )
+        )
+        adjoint = _budgeted(ImplicitAdjoint() if adjoint is None else adjoint, budget)
         super().__init__(adjoint=adjoint, warm_start=warm_start)
+        self.failures = failures
         self.f = f
         self.z_shape = z_shape
         self.forward_solver = forward_solver
-        self.maxiter, self.tol = check_maxiter(maxiter), tol
+        self.maxiter, self.tol = maxiter, tol
         self.history_size = history_size
         self.on_failure = check_on_failure(on_failure)
         self.last_state: Any = None
+
+    def forward(self, x: Tensor, *inputs: Any, init: Any = None) -> Tensor:
+        """``z*`` for input ``x``; failures, of this forward and of the backward that follows
+        it, are counted in :attr:`failures`."""
+        with collecting(self.failures):
+            return super().forward(x, *inputs, init=init)
 
     def initial(self, x: Tensor, *inputs: Any) -> Tensor:
         """``zeros(z_shape(x))`` (``zeros_like(x)`` without ``z_shape``)."""
@@ -137,3 +182,16 @@ class DEQ(ImplicitLayer):
             f"forward_solver={self.forward_solver!r}, maxiter={self.maxiter}, tol={self.tol}, "
             f"adjoint={self.adjoint!r}"
         )
+
+
+def _budgeted(adjoint: Adjoint, budget: int) -> Adjoint:
+    """An :class:`ImplicitAdjoint` whose solver is named (or the default GMRES) gets
+    ``maxiter=budget``; anything else is returned as it is."""
+    if not isinstance(adjoint, ImplicitAdjoint):
+        return adjoint
+    solve = DEQ.default_solve if adjoint.solve is None else adjoint.solve
+    if isinstance(solve, str) or (is_builtin(solve) and not isinstance(solve, functools.partial)):
+        return dataclasses.replace(
+            adjoint, solve=functools.partial(get_solver(solve), maxiter=budget)
+        )
+    return adjoint
