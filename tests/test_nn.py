@@ -751,3 +751,26 @@ def test_deq_accepts_a_plain_function():
     W_leaf = W.clone().requires_grad_()
     with pytest.raises(ValueError, match="closes over"):
         DEQ(lambda z, x: torch.tanh(z @ W_leaf + x))(x)
+
+
+def test_qplayer_shared_grad_mean_is_qpths_convention():
+    """``shared_grad="mean"`` divides a shared tensor's gradient by the batch size (qpth);
+    per-sample tensors are unaffected, and the solution is the same."""
+    B, n, m = 4, 3, 2
+    g = gen(41)
+    L = torch.randn(n, n, generator=g, dtype=DT)
+    Q = (L @ L.T + n * torch.eye(n, dtype=DT)).requires_grad_()
+    p = torch.randn(B, n, generator=g, dtype=DT, requires_grad=True)
+    G = torch.randn(m, n, generator=g, dtype=DT, requires_grad=True)
+    h = torch.ones(m, dtype=DT, requires_grad=True)
+    grads = {}
+    for mode in ("sum", "mean"):
+        x = QPLayer(shared_grad=mode)(Q, p, G, h)
+        grads[mode] = torch.autograd.grad((x**2).sum(), (Q, p, G, h))
+        grads[mode + "_x"] = x.detach()
+    torch.testing.assert_close(grads["sum_x"], grads["mean_x"], rtol=0, atol=0)
+    for k, (s, mean) in enumerate(zip(grads["sum"], grads["mean"])):
+        expected = s if k == 1 else s / B  # p is per sample
+        torch.testing.assert_close(mean, expected)
+    with pytest.raises(ValueError, match="shared_grad"):
+        QPLayer(shared_grad="avg")
