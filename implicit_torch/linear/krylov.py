@@ -66,7 +66,7 @@ def cg(sys: FlatSystem, maxiter: int):
     """
     x, iters, conv, failures = _cg_run(sys, maxiter)
     for _ in range(CG_RESTARTS if sys.inspect else 0):
-        redo = conv & (norm(sys.b - sys.A(x)) > sys.threshold) & (iters < maxiter)
+        redo = conv & (sys.residual_norm(x) > sys.threshold) & (iters < maxiter)
         if not bool(redo.any()):
             break
         left = maxiter - int(iters[redo].min())
