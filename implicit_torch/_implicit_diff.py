@@ -21,10 +21,12 @@ from implicit_torch._tree import (
     describe,
     tree_flatten,
     tree_leaves,
+    tree_like,
     tree_map,
     tree_sub,
     tree_unflatten,
 )
+from implicit_torch.linear import get_solver
 
 __all__ = ["custom_fixed_point", "custom_root", "implicit_solve", "root_jvp", "root_vjp"]
 
@@ -37,7 +39,8 @@ Tensor = torch.Tensor
 DEFAULT_ROOT_TOL = 1e-2
 
 
-def _check_options(root_tol, on_failure) -> None:
+def _check_options(root_tol, on_failure, solve="cg") -> None:
+    get_solver(solve)  # an unknown name or a non-callable fails here, not at the first call
     _result.check_on_failure(on_failure)
     if root_tol is not None:
         _result.check_tolerances(root_tol)
@@ -104,6 +107,8 @@ def _check_solution(problem: Problem, sol, tensors, root_tol, on_failure) -> Non
         )
     if on_failure == "ignore" or not _runtime.can_inspect_values(*tree_leaves(sol)):
         return
+    if problem.raveler.size == 0 or problem.raveler.batch_size == 0:
+        return  # nothing to check in an empty problem
     x = problem.raveler.ravel(sol).detach()
     r = problem.raveler.ravel(tree_map(torch.Tensor.detach, res))
     size = r.abs().amax(dim=1)
@@ -139,6 +144,17 @@ def _check_solution(problem: Problem, sol, tensors, root_tol, on_failure) -> Non
         batched=problem.batched,
         stacklevel=5,
     )
+
+
+def _params_tuple(params, who: str) -> tuple:
+    """``params`` as a tuple; a bare tensor (whose rows would be taken as separate params) or
+    another non-sequence is a ``TypeError``."""
+    if not isinstance(params, (tuple, list)):
+        raise TypeError(
+            f"{who}: params (and tangents) must be a tuple with one entry per parameter of "
+            f"optimality_fn, e.g. (lam,) for one parameter; got {type(params).__name__}"
+        )
+    return tuple(params)
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,7 +211,7 @@ def implicit_solve(
         TypeError: if ``optimality_fn`` differentiates with ``torch.autograd.grad`` (use
             ``torch.func.grad``).
     """
-    _check_options(root_tol, on_failure)
+    _check_options(root_tol, on_failure, solve)
     return _implicit(
         solver, optimality_fn, init, params, solve, has_aux, batched, True, root_tol, on_failure
     )
@@ -219,7 +235,7 @@ def custom_root(
             return torch.linalg.solve(X.T @ X + lam * torch.eye(d), X.T @ y)
     """
 
-    _check_options(root_tol, on_failure)
+    _check_options(root_tol, on_failure, solve)
 
     def decorator(solver):
         @functools.wraps(solver)
@@ -274,7 +290,7 @@ def root_vjp(
     Returns a tuple with one entry per element of ``params``: a pytree shaped like that
     parameter holding its gradient (``None`` for static or non-floating leaves).
     """
-    params = tuple(params)
+    params = _params_tuple(params, "root_vjp")
     problem = Problem(optimality_fn, sol, params, solve, batched)
     leaves = problem.tensors_of(params)
     cot = problem.raveler.check(cotangent, "the cotangent")
@@ -297,7 +313,7 @@ def root_jvp(
     """``∂x*/∂θ · θ̇ = −A⁻¹ B θ̇`` at a root ``sol``; ``tangents`` has one entry per param (a
     pytree like it, or ``None`` for a param held fixed). Returns a pytree shaped like ``sol``.
     """
-    params, tangents = tuple(params), tuple(tangents)
+    params, tangents = _params_tuple(params, "root_jvp"), _params_tuple(tangents, "root_jvp")
     if len(tangents) != len(params):
         raise ValueError(
             f"root_jvp needs one tangent per param: {len(params)} params, {len(tangents)} tangents"
@@ -310,9 +326,10 @@ def root_jvp(
         if t is None:
             t_leaves.extend([None] * n)
             continue
-        leaves = tree_flatten(t)[0]
-        p_own = tree_flatten(p)[0]
-        if len(leaves) != n or any(
+        t = tree_like(t, p)  # dicts paired by key, as torch.func.jvp requires
+        leaves, t_spec = tree_flatten(t)
+        p_own, p_spec = tree_flatten(p)
+        if t_spec != p_spec or any(
             isinstance(q, Tensor) and (not isinstance(u, Tensor) or u.shape != q.shape)
             for q, u in zip(p_own, leaves)
             if u is not None

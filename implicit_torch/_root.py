@@ -28,13 +28,14 @@ import torch
 from implicit_torch import _result, _runtime
 from implicit_torch._tree import (
     Raveler,
+    describe,
     tree_flatten,
     tree_leaves,
     tree_map,
     tree_sub,
     tree_unflatten,
 )
-from implicit_torch.linear import LinearOperator, get_solver
+from implicit_torch.linear import LinearOperator, get_solver, is_builtin
 
 __all__ = ["SYMMETRIC_JACOBIAN", "Problem", "Solve", "apply_root"]
 
@@ -96,7 +97,12 @@ class Problem:
     def residual(self, sol_tree, tensors) -> Any:
         """``F(sol, *params)``, checked to have the solution's structure and shapes."""
         out = self.optimality_fn(sol_tree, *self.params(tensors))
-        self.raveler.check(out, "the output of optimality_fn")
+        leaves = self.raveler.check(out, "the output of optimality_fn")
+        if any(not leaf.is_floating_point() for leaf in leaves):
+            raise TypeError(
+                "the output of optimality_fn must have floating-point leaves (a residual "
+                f"without a derivative cannot be differentiated), got {describe(out)}"
+            )
         return out
 
     def with_diff(self, tensors, diff_values) -> list:
@@ -294,6 +300,29 @@ class _ImplicitRoot(torch.autograd.Function):
         return tuple(o.to(x.dtype) for o, x in zip(outs, saved[:n]))
 
 
+def _check_user_solve(x, rhs, solve_fn) -> None:
+    """A user's ``solve`` must return a pytree shaped like the right-hand side, and finite
+    values (a NaN adjoint is a silent NaN gradient; the built-in solvers report their own)."""
+    leaves = Raveler(rhs, False, what="the right-hand side").check(
+        x, f"the output of solve={solve_fn!r}"
+    )
+    if not _runtime.can_inspect_values(*leaves):
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in leaves]).all().reshape(1)
+    if bool(finite.all()):
+        return
+    status = _result.status_codes(finite, torch.full((1,), torch.nan))
+    nan = torch.full((1,), torch.nan, dtype=leaves[0].dtype)
+    _result.report(
+        f"the linear solve solve={solve_fn!r}",
+        _result.SolveInfo(torch.zeros(1, dtype=torch.int64), nan, finite, status, "user"),
+        "warn",
+        measure="its output is",
+        fix="the gradient is NaN or Inf. Check the solver, or use a built-in one.",
+        stacklevel=6,
+    )
+
+
 class _LinearProblem(Problem):
     """The optimality condition ``F(x, rhs, *operands) = op(x) − rhs`` of a linear solve with
     ``op = make_op(*operands)``: its Jacobian in ``x`` is ``op`` itself, whose transpose the
@@ -335,6 +364,8 @@ def _implicit_linear_solve(make_op, rhs, operands, solve, batched):
     params = (rhs, *operands)
     with torch.no_grad():
         sol = solver(None, *params)
+    if not is_builtin(solve_fn):
+        _check_user_solve(sol, rhs, solve_fn)
     sol = tree_map(torch.Tensor.detach, sol)
     problem = _LinearProblem(make_op, sol, params, solve, batched)
     return apply_root(problem, sol, params)

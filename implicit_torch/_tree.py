@@ -41,6 +41,18 @@ def tree_sub(a: Any, b: Any) -> Any:
     return tree_map2(torch.sub, a, b)
 
 
+def tree_like(tree: Any, template: Any) -> Any:
+    """``tree`` with the keys of its dicts in ``template``'s order (recursively), so that the
+    two flatten leaf by leaf in the same order; dicts whose key sets differ are left as they
+    are (their specs then differ, which callers report)."""
+    if isinstance(tree, dict) and isinstance(template, dict) and set(tree) == set(template):
+        return {k: tree_like(tree[k], template[k]) for k in template}
+    if isinstance(tree, (tuple, list)) and isinstance(template, (tuple, list)):
+        if len(tree) == len(template) and type(tree) is type(template):
+            return type(tree)(tree_like(a, b) for a, b in zip(tree, template))
+    return tree
+
+
 def describe(tree: Any) -> str:
     """A short human description of a pytree's leaves, for error messages."""
     leaves, spec = tree_flatten(tree)

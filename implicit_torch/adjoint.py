@@ -30,6 +30,7 @@ import torch
 
 from implicit_torch._implicit_diff import implicit_solve
 from implicit_torch._tree import tree_add_scalar_mul, tree_detach, tree_sub
+from implicit_torch.linear import get_solver
 
 __all__ = ["Adjoint", "ImplicitAdjoint", "PhantomAdjoint", "UnrolledAdjoint", "from_flags"]
 
@@ -84,6 +85,10 @@ class ImplicitAdjoint(Adjoint):
     """
 
     solve: Solve | None = None
+
+    def __post_init__(self):
+        if self.solve is not None:
+            get_solver(self.solve)  # an unknown name or a non-callable fails here
 
     def apply(self, run, optimality_fn, init, params, *, has_aux=False, batched=False,
               default_solve="cg", fixed_point_fn=None, check_root=True):  # fmt: skip

@@ -199,6 +199,7 @@ def solve_normal_cg(sys: FlatSystem, maxiter: int):
     of ``A x = b`` when ``A`` is ill-conditioned or singular, and that is reported); with a
     ``ridge``, on the regularised normal equations, which are then the problem solved.
     """
+    sys.A(sys.x0)  # checks the matvec's output (the transpose below would fail obscurely)
     op, At = sys.op, sys.op.T
     normal = LinearOperator(lambda v: At(op(v)), batched=op.batched, symmetric=True)
     rhs = At(sys.raveler.unravel(sys.b))
@@ -315,6 +316,9 @@ def is_builtin(solve: Callable[..., Any]) -> bool:
     return solve in _BUILTIN
 
 
+ITERATIONS_KEPT = 1000
+
+
 class WarmStart:
     """A built-in solver that starts each solve from its previous solution.
 
@@ -322,7 +326,9 @@ class WarmStart:
     little), so the previous step's backward adjoint is a good initial guess for the next:
     ``solve=WarmStart("gmres")`` in a layer or ``custom_root`` feeds it as ``init`` whenever
     the right-hand side has the same shapes and dtypes. ``iterations`` records the iterations
-    of every solve (the most of any system), to measure what the warm start saves; ``reset()``
+    of the recent solves (at least the last 1000; the most of any system), to measure what the
+    warm start saves;
+    ``reset()``
     forgets the stored solution. Inside ``torch.func`` transforms nothing is stored or reused.
 
     Args:
@@ -360,4 +366,6 @@ class WarmStart:
         finite = all(bool(torch.isfinite(t).all()) for t in tree_flatten(x)[0])
         self.last = tree_map(lambda t: t.detach(), x) if finite else None
         self.iterations.append(int(info.iterations.max()))
+        if len(self.iterations) > 2 * ITERATIONS_KEPT:  # the recent ones: a training loop runs on
+            del self.iterations[:-ITERATIONS_KEPT]
         return x

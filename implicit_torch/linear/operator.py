@@ -12,6 +12,7 @@ Inside the solvers every operator is used in the flat ``(B, N)`` representation 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -150,7 +151,7 @@ class FlatSystem:
             )
         self.batched = op.batched
         self.b = self.raveler.ravel(b, "b")
-        self.ridge = ridge
+        self.ridge = _check_ridge(ridge)
         self._M = M
         self.init_given = init is not None
         self.x0 = (
@@ -212,6 +213,25 @@ class FlatSystem:
         """The ``(B, N, N)`` blocks of ``A`` (with the ridge), from ``N`` vmapped matvecs."""
         B, N = self.shape
         return materialise_flat(self.A_differentiable, B, N, self.b.dtype, self.b.device)
+
+
+def _check_ridge(ridge):
+    """``ridge`` itself: ``None``, a finite real number or a finite 0-d tensor."""
+    if ridge is None:
+        return None
+    if isinstance(ridge, Tensor):
+        if ridge.dim() != 0 or not ridge.is_floating_point():
+            raise TypeError(
+                f"ridge must be a number or a 0-d float tensor, got {tuple(ridge.shape)}"
+            )
+        finite = bool(torch.isfinite(ridge)) if ridge.device.type != "meta" else True
+    elif isinstance(ridge, (int, float)) and not isinstance(ridge, bool):
+        finite = math.isfinite(ridge)
+    else:
+        raise TypeError(f"ridge must be a number, got {type(ridge).__name__}")
+    if not finite:
+        raise ValueError(f"ridge must be finite, got {ridge}")
+    return ridge
 
 
 def dot(a: Tensor, b: Tensor) -> Tensor:

@@ -54,7 +54,7 @@ def finish(
     the target is unattainable in the dtype, as the message then says.
     """
     _result.check_on_failure(on_failure)
-    check = on_failure != "ignore" and sys.inspect
+    check = on_failure != "ignore" and sys.inspect and x.shape[0] > 0
     residual = sys.residual_norm(x) if (return_info or check) else None
     if residual is not None:
         converged = converged & (residual <= sys.threshold)

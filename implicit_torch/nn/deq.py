@@ -110,7 +110,11 @@ class DEQ(ImplicitLayer):
                 "forward_solver must be 'anderson', 'broyden' or 'fixed_point', got "
                 f"{forward_solver!r}"
             )
+        if tol is None:
+            raise TypeError("DEQ: tol must be a number (the forward solver's tolerance)")
         check_tolerances(tol)
+        if isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1:
+            raise ValueError(f"DEQ: history_size must be an integer ≥ 1, got {history_size!r}")
         maxiter = check_maxiter(maxiter)
         budget = 2 * maxiter if backward_maxiter is None else check_maxiter(backward_maxiter)
         self.backward_maxiter = budget

@@ -67,7 +67,9 @@ class ForwardWarmStart(nn.Module):
         super().__init__()
         self.enabled = enabled
         self.count = 0
-        self._spec: TreeSpec | None = None
+        # The solution's structure, as the same containers holding 0s: plain Python objects
+        # that deepcopy and pickle handle (a torch TreeSpec warns when copied).
+        self._structure: Any = None
 
     def recall(self, like: Any = None) -> Any:
         """The stored solution (a pytree of buffers), or ``None``.
@@ -77,10 +79,11 @@ class ForwardWarmStart(nn.Module):
                 structure and leafwise shapes, dtypes and devices (e.g. the cold start a
                 layer would otherwise use), and ``None`` is returned otherwise.
         """
-        if not self.enabled or self._spec is None or not _can_keep_state():
+        if not self.enabled or self._structure is None or not _can_keep_state():
             return None
         names = sorted((n for n in self._buffers if n.startswith(_PREFIX)), key=_index)
-        guess = tree_unflatten([self._buffers[n] for n in names], self._spec)
+        spec = tree_flatten(self._structure)[1]
+        guess = tree_unflatten([self._buffers[n] for n in names], spec)
         if like is not None and _layout(guess) != _layout(like):
             return None
         return guess
@@ -107,12 +110,12 @@ class ForwardWarmStart(nn.Module):
         for i, leaf in enumerate(leaves):
             # A copy: the caller may edit the returned solution in place.
             self.register_buffer(f"{_PREFIX}{i}", leaf.detach().clone(), persistent=False)
-        self._spec = spec
+        self._structure = tree_unflatten([0] * len(leaves), spec)
 
     def reset(self) -> None:
         """Forget the stored solution: the next solve starts cold."""
         self._drop_buffers(keep=0)
-        self._spec = None
+        self._structure = None
 
     def _drop_buffers(self, keep: int) -> None:
         for name in [n for n in self._buffers if n.startswith(_PREFIX)]:
