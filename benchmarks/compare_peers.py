@@ -670,7 +670,7 @@ def machine_header(threads: int) -> str:
         f"{model}, {os.cpu_count()} CPUs (shared with other jobs: load average {load} at "
         f"start), Python {platform.python_version()}; threads: torch {torch.get_num_threads()}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '(default)')!r}, CPU affinity {affinity}; "
-        f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='minutes')}.\n"
+        f"{datetime.datetime.now(datetime.UTC).isoformat(timespec='minutes')}.\n"
         f"Versions: {vers}."
     )
 

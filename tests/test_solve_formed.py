@@ -10,7 +10,8 @@ import torch
 from problems import DT, gen, nonsym, spd
 
 import implicit_torch as it
-from implicit_torch import linear as linear_solve, ops
+from implicit_torch import linear as linear_solve
+from implicit_torch import ops
 
 needs_kernel = pytest.mark.skipif(
     not ops.extension_available("cpu"),

@@ -364,6 +364,6 @@ class WarmStart:
         finite = all(bool(torch.isfinite(t).all()) for t in tree_flatten(x)[0])
         self.last = tree_map(lambda t: t.detach(), x) if finite else None
         self.iterations.append(int(info.iterations.max()))
-        if len(self.iterations) > 2 * ITERATIONS_KEPT:  # the recent ones: a training loop runs on
+        if len(self.iterations) > 2 * ITERATIONS_KEPT:  # a training loop runs on and on
             del self.iterations[:-ITERATIONS_KEPT]
         return x
