@@ -327,7 +327,8 @@ class WarmStart:
     ``solve=WarmStart("gmres")`` in a layer or ``custom_root`` feeds it as ``init`` whenever
     the right-hand side has the same shapes and dtypes. ``iterations`` records the iterations
     of the recent solves (at least the last 1000; the most of any system), to measure what the
-    warm start saves; ``reset()`` forgets the stored solution. Inside ``torch.func`` transforms nothing is stored or reused.
+    warm start saves; ``reset()`` forgets the stored solution. Inside ``torch.func``
+    transforms nothing is stored or reused.
 
     Args:
         solve: a built-in solver's name or function (possibly a ``functools.partial``), which
