@@ -12,13 +12,14 @@ predictions (and, where it makes sense, in real-valued labels), with no host syn
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from implicit_torch.projection import simplex_rows
+from implicit_torch.projection._sets import check_simplex_input, simplex_rows, simplex_shift
 
 __all__ = [
     "binary_logistic_loss",
@@ -50,6 +51,8 @@ def binary_logistic_loss(label: Any, logit: Tensor) -> Tensor:
 
     Equal to ``−label · log σ(logit) − (1 − label) · log(1 − σ(logit))``, the negative
     log-likelihood of a Bernoulli with mean ``σ(logit)``; computed stably with ``softplus``.
+    At infinite logits it is the limit, ``(1 − label) · ∞`` at ``+inf`` and ``label · ∞`` at
+    ``−inf`` (0 for a label of 1, resp. 0), with a zero derivative.
 
     Args:
         label: in ``{0, 1}`` (or ``[0, 1]``), shape ``(...)`` broadcastable with ``logit``.
@@ -58,7 +61,14 @@ def binary_logistic_loss(label: Any, logit: Tensor) -> Tensor:
     Returns:
         The loss, shape of the broadcast of ``label`` and ``logit``.
     """
-    return F.softplus(logit) - _as_float_label(label, logit) * logit
+    label = _as_float_label(label, logit)
+    infinite = torch.isinf(logit)
+    # The formula on a finite stand-in (so that ∞ − ∞ never reaches it, nor its derivative).
+    z = torch.where(infinite, torch.zeros_like(logit), logit)
+    finite = F.softplus(z) - label * z
+    weight = torch.where(logit > 0, 1 - label, label).detach()  # what multiplies ∞ in the limit
+    limit = torch.where(weight == 0, 0.0, torch.where(weight > 0, math.inf, -math.inf))
+    return torch.where(infinite, limit.to(finite.dtype), finite)
 
 
 def squared_loss(target: Any, pred: Tensor) -> Tensor:
@@ -97,8 +107,14 @@ def multiclass_logistic_loss(label: Any, logits: Tensor) -> Tensor:
 
 def sparsemax(scores: Tensor) -> Tensor:
     """Sparsemax ``argmin_{p ∈ Δᵏ} ‖p − scores‖²`` over the last dimension (Martins & Astudillo,
-    2016): the Euclidean projection of each row onto the probability simplex."""
-    return simplex_rows(scores)
+    2016): the Euclidean projection of each row onto the probability simplex.
+
+    ``scores`` needs a non-empty last dimension. Edge values as in
+    :func:`~implicit_torch.projection.projection_simplex`: ``−inf`` scores get 0, ``+inf`` ones
+    share all the mass, a NaN makes its row NaN.
+    """
+    check_simplex_input("sparsemax", scores, arg="scores")
+    return simplex_rows(scores, who="sparsemax")
 
 
 def multiclass_sparsemax_loss(label: Any, scores: Tensor) -> Tensor:
@@ -108,7 +124,10 @@ def multiclass_sparsemax_loss(label: Any, scores: Tensor) -> Tensor:
     ``loss = Ω*(s) − s[label] = ⟨p, s⟩ − ½‖p‖² + ½ − s[label]``, ``p = sparsemax(s)``.
 
     Non-negative, zero iff ``s[label] ≥ s[j] + 1`` for all ``j ≠ label``; its gradient in
-    ``s`` is ``p − e_label``.
+    ``s`` is ``p − e_label``. Computed on ``s − max(s)`` (the loss does not change when the
+    scores move together), so large scores lose no digits. At infinite scores it is the limit:
+    a ``−inf`` class drops out (the loss of the other classes), a label at ``+inf`` gives 0
+    (``1/4`` when two classes share ``+inf``, ...), another label ``+inf``; NaN gives NaN.
 
     Args:
         label: integer class indices in ``[0, k)``, shape ``(...)``.
@@ -119,9 +138,13 @@ def multiclass_sparsemax_loss(label: Any, scores: Tensor) -> Tensor:
     """
     # Differentiating through p too is exact: its contribution Jₚᵀ(s − p) vanishes (s − p is
     # constant on the support), so the gradient is p − e_label and the Hessian Jₚ.
-    p = sparsemax(scores)
-    conj = (p * scores).sum(-1) - 0.5 * (p * p).sum(-1) + 0.5
-    return conj - _pick(scores, label)
+    check_simplex_input("multiclass_sparsemax_loss", scores, arg="scores")
+    u = simplex_shift(scores)
+    p = simplex_rows(u, who="multiclass_sparsemax_loss")
+    # ⟨p, u⟩ over the support only: 0 · (−inf) is 0 there (an entry at −inf has p = 0).
+    finite_u = torch.where(torch.isinf(u), torch.zeros_like(u), u)
+    conj = (p * finite_u).sum(-1) - 0.5 * (p * p).sum(-1) + 0.5
+    return conj - _pick(u, label)
 
 
 def multiclass_hinge_loss(label: Any, scores: Tensor) -> Tensor:

@@ -12,6 +12,8 @@ threshold) and never a NaN.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +30,7 @@ __all__ = [
     "prox_non_negative_ridge",
     "prox_none",
     "prox_ridge",
+    "with_default_hyperparams",
 ]
 
 
@@ -141,19 +144,58 @@ def prox_non_negative_ridge(x: Any, l2reg: Any = None, scaling: Any = 1.0) -> An
     return _leafwise(lambda v, lam: torch.relu(v) / (1 + lam * scaling), x, l2reg)
 
 
+def with_default_hyperparams(projection: Callable[..., Any]) -> Callable[..., Any]:
+    """``projection`` with hyperparameters of ``None`` meaning its defaults (JAXopt's
+    convention): ``projection(x, None)`` calls ``projection(x)`` when the projection's second
+    parameter has a default, and passes ``None`` through otherwise (a projection written as
+    ``lambda v, hp: ...`` gets its ``None``).
+
+    The one place where the callers that pass a projection's hyperparameters through
+    (:func:`make_prox_from_projection`, :class:`~implicit_torch.ProjectedGradient`,
+    :meth:`~implicit_torch.MirrorDescent.make_projection_grad`) read ``None``, so that every
+    projection with a default (``projection_simplex``'s ``value=1``, the balls' radius 1, ...)
+    works there without its hyperparameters.
+    """
+    try:
+        return _with_defaults_cached(projection)  # solvers ask for it at every iteration
+    except TypeError:  # an unhashable callable
+        return _with_defaults(projection)
+
+
+def _with_defaults(projection: Callable[..., Any]) -> Callable[..., Any]:
+    try:
+        params = list(inspect.signature(projection).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: call it as given
+        return projection
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) < 2 or params[1].kind not in positional or params[1].default is params[1].empty:
+        return projection
+
+    @functools.wraps(projection)
+    def with_defaults(x, hyperparams=None):
+        return projection(x) if hyperparams is None else projection(x, hyperparams)
+
+    return with_defaults
+
+
+_with_defaults_cached = functools.lru_cache(maxsize=256)(_with_defaults)
+
+
 def make_prox_from_projection(projection: Callable[..., Any]) -> Callable[..., Any]:
     """The proximal operator of the indicator ``ι_C`` of a closed convex set ``C``.
 
     ``prox(x, hyperparams, scaling) = projection(x, hyperparams)``: the prox of an indicator is
     the projection onto ``C`` whatever the scaling (JAXopt's convention), so ``scaling`` is
-    ignored.
+    ignored. ``hyperparams=None`` means the projection's defaults (e.g. ``value=1`` for
+    :func:`~implicit_torch.projection.projection_simplex`).
 
     Args:
         projection: ``projection(x, hyperparams)`` (see :mod:`implicit_torch.projection`).
     """
+    project = with_default_hyperparams(projection)
 
     def prox(x, hyperparams=None, scaling=1.0):
         del scaling
-        return projection(x, hyperparams)
+        return project(x, hyperparams)
 
     return prox

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from implicit_torch._result import check_maxiter, check_on_failure, check_tolerances
-from implicit_torch.projection import kl_projection_birkhoff, projection_birkhoff, simplex_rows
+from implicit_torch.projection import kl_projection_birkhoff, projection_birkhoff
+from implicit_torch.projection._sets import check_simplex_input, check_simplex_value, simplex_rows
 
 __all__ = ["BirkhoffProjection", "SimplexProjection", "Sparsemax"]
 
@@ -17,15 +18,25 @@ class SimplexProjection(nn.Module):
     """``argmin_{p ∈ Δ} ‖p − x‖²`` along ``dim``, with ``Δ = {p ≥ 0, Σp = value}``.
 
     The Jacobian is exact (``diag(s) − s sᵀ/|s|`` on the support ``s``), from
-    :func:`implicit_torch.projection.simplex_rows`. Any shape; ``dim`` is projected.
+    :func:`implicit_torch.projection.simplex_rows`. Any shape with a non-empty ``dim``, which
+    is projected; ``value`` finite and non-negative. Edge values as in
+    :func:`~implicit_torch.projection.projection_simplex` (``+inf`` entries share the mass,
+    ``−inf`` ones get 0, NaN stays NaN).
     """
 
     def __init__(self, dim: int = -1, value: float = 1.0):
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"{type(self).__name__}: dim must be an int, got {dim!r}")
+        check_simplex_value(type(self).__name__, value)
         self.dim, self.value = dim, value
 
     def forward(self, x: Tensor) -> Tensor:
-        return simplex_rows(x.movedim(self.dim, -1), self.value).movedim(-1, self.dim)
+        who = type(self).__name__
+        if isinstance(x, Tensor) and x.dim() == 0:
+            check_simplex_input(who, x, self.value)  # a clear error before movedim's
+        rows = simplex_rows(x.movedim(self.dim, -1), self.value, who=who)
+        return rows.movedim(-1, self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, value={self.value}"

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from implicit_torch import _runtime
-from implicit_torch.projection._sets import simplex_rows
-from implicit_torch.solvers.qp import QP, EqualityConstrainedQP
+from implicit_torch._result import Status
+from implicit_torch.projection._sets import _unpack, simplex_rows
+from implicit_torch.solvers.qp import QP, EqualityConstrainedQP, report_qp
 
 Tensor = torch.Tensor
 
@@ -153,7 +154,7 @@ def projection_box_section(x: Tensor, hyperparams: tuple, check_feasible: bool =
     """
     if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1):
         raise ValueError("projection_box_section: x must be a floating tensor of shape (..., n)")
-    alpha, beta, w, c = hyperparams
+    alpha, beta, w, c = _unpack("projection_box_section", hyperparams, ("alpha", "beta", "w", "c"))
     like = dict(dtype=x.dtype, device=x.device)
     try:
         alpha, beta, w = (torch.as_tensor(v, **like).expand(x.shape) for v in (alpha, beta, w))
@@ -218,7 +219,12 @@ def projection_polyhedron(x: Tensor, hyperparams: tuple, check_feasible: bool = 
             fails (an empty polyhedron) instead of warning.
 
     Returns:
-        The projection, shaped like ``x``.
+        The projection, shaped like ``x`` (NaN or an inaccurate point where it failed).
+
+    An empty polyhedron (no ``y`` with ``A y = b``, ``G y ≤ h``: a Farkas certificate, or
+    inconsistent equalities) is reported as such, "the polyhedron is empty", as is any other
+    failure of the QP (e.g. linearly dependent equality constraints), by
+    :func:`~implicit_torch.solvers.qp.report_qp`.
     """
     if not isinstance(hyperparams, (tuple, list)) or len(hyperparams) != 4:
         raise ValueError("projection_polyhedron: hyperparams must be a tuple (A, b, G, h)")
@@ -226,9 +232,23 @@ def projection_polyhedron(x: Tensor, hyperparams: tuple, check_feasible: bool = 
     if not isinstance(x, Tensor) or x.dim() not in (1, 2):
         raise ValueError(f"projection_polyhedron: x must be a tensor (n,) or (B, n), got {x!r}")
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    on_failure = "raise" if check_feasible else "warn"
     params_eq = None if A is None else (A, b)
+    # The QP stays silent: its failures are reported here, in the projection's words.
     if G is None:
-        solver = EqualityConstrainedQP(on_failure=on_failure)
-        return solver.run(None, (eye, -x), params_eq).params.primal
-    return QP(on_failure=on_failure).run(None, (eye, -x), params_eq, (G, h)).params.primal
+        solver = EqualityConstrainedQP(on_failure="ignore")
+        out = solver.run(None, (eye, -x), params_eq)
+    else:
+        out = QP(on_failure="ignore").run(None, (eye, -x), params_eq, (G, h))
+    if _runtime.can_inspect_values(x):
+        on_failure = "raise" if check_feasible else "warn"
+        report_qp("projection_polyhedron", out.state, on_failure, failures=_EMPTY)
+    return out.params.primal
+
+
+_EMPTY = {
+    Status.INFEASIBLE: (
+        "did not converge",
+        "the polyhedron is empty: no point y satisfies A y = b, G y ≤ h",
+        "check the constraints (A, b, G, h).",
+    )
+}

@@ -4,13 +4,26 @@ re-exported by :mod:`implicit_torch.projection`)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from implicit_torch import _runtime
 from implicit_torch._tree import tree_l2_norm, tree_map
 
 Tensor = torch.Tensor
+
+
+def _unpack(who: str, hyperparams: Any, names: tuple[str, ...]) -> tuple:
+    """``hyperparams`` as the tuple ``names`` describes, or a ``TypeError`` that says so (a
+    projection without defaults given ``None`` or a wrong shape of arguments)."""
+    if not isinstance(hyperparams, (tuple, list)) or len(hyperparams) != len(names):
+        got = type(hyperparams).__name__
+        if isinstance(hyperparams, (tuple, list)):
+            got += f" of {len(hyperparams)}"
+        raise TypeError(f"{who}: hyperparams must be a tuple ({', '.join(names)}), got {got}")
+    return tuple(hyperparams)
 
 
 def _clip(x: Tensor, lower: Any, upper: Any) -> Tensor:
@@ -40,7 +53,7 @@ def projection_box(x: Any, hyperparams: tuple) -> Any:
         hyperparams: ``(lower, upper)``, numbers or tensors broadcastable to every leaf
             (``lower ≤ upper``); ``None`` for an unbounded side.
     """
-    lower, upper = hyperparams
+    lower, upper = _unpack("projection_box", hyperparams, ("lower", "upper"))
     return tree_map(lambda v: _clip(v, lower, upper), x)
 
 
@@ -50,7 +63,7 @@ def projection_hypercube(x: Any, scale: Any = 1.0) -> Any:
 
 
 def projection_simplex(x: Tensor, value: Any = 1.0) -> Tensor:
-    """Projection onto the simplex ``{p : p ≥ 0, Σ p = value}`` (``value > 0``).
+    """Projection onto the simplex ``{p : p ≥ 0, Σ p = value}`` (``value ≥ 0``).
 
     ``p = max(x − τ, 0)`` with ``τ = (Σ_{i ≤ ρ} u_i − value) / ρ``, where ``u`` is ``x`` sorted
     in decreasing order and ``ρ = max{j : u_j > (Σ_{i ≤ j} u_i − value) / j}`` (Held et al.,
@@ -58,20 +71,90 @@ def projection_simplex(x: Tensor, value: Any = 1.0) -> Tensor:
     ``S = {p > 0}`` (with indicator ``s``) the Jacobian is ``diag(s) − s sᵀ / |S|``, and
     ``∂p/∂value = s / |S|``.
 
+    Computed on ``x − max(x)`` (the projection does not change when every entry moves by the
+    same amount): the result is in the set to rounding at any scale of ``x``. Edge values, as
+    limits: a ``−inf`` entry gets 0, ``+inf`` entries share all of ``value`` equally; a NaN
+    gives NaN (as does an ``x`` of ``−inf`` only, where the limit depends on the rates).
+
     Args:
-        x: a tensor of any shape, projected as one vector.
-        value: the sum, a positive number or 0-d tensor.
+        x: a non-empty tensor of any shape (0-d: one entry), projected as one vector.
+        value: the sum, a finite non-negative number or 0-d tensor.
 
     Returns:
         ``p``, shaped like ``x``.
+
+    Raises:
+        ValueError: an empty ``x``, or a negative or non-finite ``value``.
     """
-    return simplex_rows(x.reshape(1, -1), value).reshape(x.shape)
+    if x.numel() == 0:
+        raise ValueError(
+            f"projection_simplex: x is empty (shape {tuple(x.shape)}): the simplex has no point"
+        )
+    return simplex_rows(x.reshape(1, -1), value, who="projection_simplex").reshape(x.shape)
 
 
-def simplex_rows(x: Tensor, value: Any = 1.0) -> Tensor:
+def simplex_rows(x: Tensor, value: Any = 1.0, *, who: str = "simplex_rows") -> Tensor:
     """:func:`projection_simplex` of every row of ``x`` (the last dimension), vectorised:
-    ``max(x − τ, 0)`` with ``τ = simplex_threshold(x, value)``."""
-    return torch.relu(x - simplex_threshold(x, value).unsqueeze(-1))
+    ``max(u − τ, 0)`` with ``u = simplex_shift(x)`` and ``τ = simplex_threshold(u, value)``.
+
+    ``x`` needs at least one dimension and a non-empty last one; ``value`` is a finite
+    non-negative number or a tensor broadcastable to ``x.shape[:-1]``. ``who`` names the caller
+    in the errors.
+    """
+    check_simplex_input(who, x, value)
+    u = simplex_shift(x)
+    return torch.relu(u - simplex_threshold(u, value).unsqueeze(-1))
+
+
+def check_simplex_input(who: str, x: Tensor, value: Any = 1.0, arg: str = "x") -> None:
+    """``ValueError`` for what no simplex projection of the rows of ``x`` can take: a 0-d or
+    empty last dimension, a negative or non-finite ``value`` (a tensor ``value`` is checked
+    where values can be read)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{who}: {arg} must be a floating-point tensor, got {got}")
+    if x.dim() == 0:
+        raise ValueError(f"{who}: {arg} is 0-d; it needs a last dimension to project along")
+    if x.shape[-1] == 0:
+        raise ValueError(
+            f"{who}: the last dimension of {arg} is empty (shape {tuple(x.shape)}): the simplex "
+            "has no point"
+        )
+    check_simplex_value(who, value)
+
+
+def check_simplex_value(who: str, value: Any) -> None:
+    """``ValueError`` unless ``value`` (a simplex's sum) is finite and non-negative."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{who}: value must be a floating-point tensor, got {value.dtype}")
+        if not _runtime.can_inspect_values(value):
+            return
+        v = value.detach()
+        ok, shown = bool((torch.isfinite(v) & (v >= 0)).all()), v
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        ok, shown = math.isfinite(value) and value >= 0, value
+    else:
+        raise ValueError(f"{who}: value must be a number or a tensor, got {value!r}")
+    if not ok:
+        raise ValueError(f"{who}: value (the sum) must be finite and non-negative, got {shown}")
+
+
+def simplex_shift(x: Tensor) -> Tensor:
+    """``x − max(x)`` per row (last dimension), with the limits of the simplex projection at
+    infinities: in a row holding ``+inf`` those entries become 0 and the others ``−inf``; a row
+    holding NaN stays NaN.
+
+    The projection and the sparsemax loss do not change when a row moves by a constant, and
+    on the shifted row they have no cancellation (``x − τ`` of two large numbers loses all
+    the digits of the result). The maximum is detached: by that invariance its derivative
+    contributes nothing.
+    """
+    top = x.detach().amax(-1, keepdim=True)  # NaN if the row holds one
+    u = x - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    plus_inf = x == math.inf
+    limit = plus_inf.any(-1, keepdim=True) & ~torch.isnan(top)
+    return torch.where(limit, torch.where(plus_inf, 0.0, -math.inf).to(x.dtype), u)
 
 
 def simplex_threshold(x: Tensor, value: Any) -> Tensor:
@@ -145,7 +228,7 @@ def projection_hyperplane(x: Tensor, hyperparams: tuple) -> Tensor:
         hyperparams: ``(a, b)``, ``a`` a nonzero tensor shaped like ``x`` and ``b`` a number or
             0-d tensor.
     """
-    a, b = hyperparams
+    a, b = _unpack("projection_hyperplane", hyperparams, ("a", "b"))
     return x - ((a * x).sum() - b) / (a * a).sum() * a
 
 
@@ -157,7 +240,7 @@ def projection_halfspace(x: Tensor, hyperparams: tuple) -> Tensor:
         x: a tensor of any shape.
         hyperparams: ``(a, b)`` as in :func:`projection_hyperplane`.
     """
-    a, b = hyperparams
+    a, b = _unpack("projection_halfspace", hyperparams, ("a", "b"))
     return x - torch.relu((a * x).sum() - b) / (a * a).sum() * a
 
 
@@ -169,5 +252,5 @@ def projection_affine_set(x: Tensor, hyperparams: tuple) -> Tensor:
         hyperparams: ``(A, b)`` with ``A`` of shape ``(m, n)`` and full row rank ``m ≤ n``,
             ``b`` of shape ``(m,)``.
     """
-    A, b = hyperparams
+    A, b = _unpack("projection_affine_set", hyperparams, ("A", "b"))
     return x - A.mT @ torch.linalg.solve(A @ A.mT, A @ x - b)

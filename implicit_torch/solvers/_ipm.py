@@ -9,12 +9,14 @@ kernel ``implicit_torch::qp_ipm`` runs the same iterations from the same matrice
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from implicit_torch._loop import Cadence, iterate
+from implicit_torch._result import status_codes
 from implicit_torch.solvers._qp_data import _Data, _kkt_matrix, _sym
 
 Tensor = torch.Tensor
@@ -70,6 +72,12 @@ class _IPM:
     * ``r_d [−Qₛ⁻¹, −Qₛ⁻¹Cᵀ]`` gives ``−Qₛ⁻¹ r_d`` and ``−C Qₛ⁻¹ r_d``;
     * ``du = [dx; y; ds] = [−Qₛ⁻¹ r_d; 0; G Qₛ⁻¹ r_d − r_i] + y T`` with
       ``T = [−C Qₛ⁻¹, I, C Qₛ⁻¹ Gᵀ]``.
+
+    What it cannot solve, found by :meth:`diagnose` (the same for the compiled kernel, which
+    runs these iterations from these matrices): a ``Qₛ`` that is not positive definite (its
+    Cholesky factorisation fails: indefinite, the problem is not convex; or singular), linearly
+    dependent equality constraints (``A Qₛ⁻¹ Aᵀ`` singular), and infeasible constraints (a
+    Farkas certificate, :meth:`certify_infeasible`).
     """
 
     def __init__(self, data: _Data, Q, c, A, b, G, h):
@@ -88,11 +96,16 @@ class _IPM:
             q.append(-b.expand(B, p))
         q.append(-h.expand(B, m))
         self.q = torch.cat(q, -1).unsqueeze(1)  # (B, 1, N)
-        L, _ = torch.linalg.cholesky_ex(Qs.expand(B, n, n))
+        L, q_info = torch.linalg.cholesky_ex(Qs.expand(B, n, n))
+        self.q_not_pd = q_info != 0  # (B,): Qₛ is not positive definite (see diagnose)
         Ct = K[:, :n, n:]  # [A; G]ᵀ, (B, n, p+m)
         eye_n = torch.eye(n, dtype=dtype, device=device).expand(B, n, n)
         X = torch.cholesky_solve(torch.cat([eye_n, Ct], -1), L)  # [Qₛ⁻¹, Qₛ⁻¹Cᵀ]
         self.W = Ct.mT @ X[..., n:]  # C Qₛ⁻¹ Cᵀ, (B, p+m, p+m)
+        # A Qₛ⁻¹ Aᵀ, the equality block of W, is positive definite iff A has full row rank.
+        self.dependent_eq = torch.zeros_like(self.q_not_pd)
+        if p:
+            self.dependent_eq = torch.linalg.cholesky_ex(self.W[:, :p, :p])[1] != 0
         self.M1 = -X  # (n, n + p + m)
         self.neg_Qinv, self.nqc = self.M1[..., :n], self.M1[..., n:]  # −Qₛ⁻¹ (symmetric), −Qₛ⁻¹Cᵀ
         W, nqc = self.W, self.nqc
@@ -170,6 +183,88 @@ class _IPM:
         du = direction(torch.addcmul(sl - sigma_mu, du[..., N:], dv[..., :m]))
         alpha = 0.99 / (du[..., k:] * neg_inv_v).amax(-1, keepdim=True).clamp_min(0.99)
         return torch.addcmul(u, alpha, du)
+
+    def diagnose(
+        self, z: Tensor, error: Tensor, converged: Tensor, maxiter: int, cadence: Cadence
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The outcome of a finished solve (by :meth:`solve` or the compiled kernel) with what
+        the iterations could not have solved named: ``(z, error, converged, status)``, ``status``
+        the per-problem :class:`~implicit_torch._result.Status` codes.
+
+        * ``UNBOUNDED``: ``Qₛ`` is not positive semidefinite (its Cholesky factorisation fails,
+          and still fails with a shift of ``10 n eps ‖Qₛ‖max``): the problem is not convex.
+        * ``SINGULAR``: ``Qₛ`` is positive semidefinite but singular, or the equality
+          constraints are linearly dependent; the method needs ``Qₛ`` positive definite and
+          ``A`` of full row rank.
+        * ``INFEASIBLE``: a problem that did not converge and has a Farkas certificate
+          (:meth:`certify_infeasible`; only where values can be read).
+
+        A problem of the first two kinds gets NaN in ``z`` and ``error`` (the iterations ran on
+        a meaningless factorisation: a point they found, e.g. a saddle point, is not returned).
+        """
+        n = self.n
+        broken = self.q_not_pd | self.dependent_eq
+        indefinite = torch.zeros_like(broken)
+        if not cadence.inspect or bool(self.q_not_pd.any()):
+            Qs = self.K[:, :n, :n]
+            eps = torch.finfo(Qs.dtype).eps
+            shift = 10 * n * eps * Qs.abs().amax((1, 2)) + torch.finfo(Qs.dtype).tiny
+            eye = torch.eye(n, dtype=Qs.dtype, device=Qs.device)
+            shifted = torch.linalg.cholesky_ex(Qs + shift[:, None, None] * eye)[1] != 0
+            indefinite = self.q_not_pd & shifted
+        z = torch.where(broken[:, None], math.nan, z)
+        error = torch.where(broken, math.nan, error)
+        converged = converged & ~broken
+        infeasible = torch.zeros_like(broken)
+        candidates = ~converged & ~broken
+        if cadence.inspect and bool(candidates.any()):
+            infeasible = self.certify_infeasible(candidates, maxiter, cadence)
+        status = status_codes(
+            converged, error, unbounded=indefinite, singular=broken, infeasible=infeasible
+        )
+        return z, error, converged, status
+
+    def certify_infeasible(self, candidates: Tensor, maxiter: int, cadence: Cadence) -> Tensor:
+        """Per problem (B,), whether the ``candidates`` have a Farkas certificate of
+        infeasibility: multipliers ``y = (ν, λ)``, ``λ ≥ 0``, with ``Aᵀν + Gᵀλ ≈ 0`` and
+        ``bᵀν + hᵀλ < 0`` (no ``x`` then has ``A x = b``, ``G x ≤ h``: ``0 ≈ yᵀC x ≤ yᵀd <
+        0``).
+
+        On an infeasible problem the interior-point iterates' multipliers grow without bound
+        in the direction of such a certificate, while the loop (and the kernel) stop early at
+        their best iterate. So the iterations are run again here, from the start, without
+        that stop, for the candidates only (at most ``maxiter``, until each has a certificate
+        or a non-finite iterate). A certificate is accepted when ``‖Cᵀy‖∞ ‖d‖∞ ≤ √eps ·
+        (−dᵀy) ‖C‖max`` (``C = [A; G]``, ``d = [b; h]``): any feasible point would need
+        ``‖x‖₁ ≥ ‖d‖∞ / (√eps ‖C‖max)``, about 1e8 times the data's own scale in float64.
+        """
+        n, N = self.n, self.N
+        C = self.K[:, n:N, :n]  # [A; G], (B, p+m, n)
+        d = -self.q[..., n:]  # [b; h], (B, 1, p+m)
+        bound = math.sqrt(torch.finfo(C.dtype).eps) * C.abs().amax((1, 2))
+        d_scale = d.abs().amax((1, 2))
+
+        def certified(u: Tensor) -> Tensor:
+            y = u[..., n:N]
+            gap = (y * d).sum((1, 2))
+            residual = (y @ C).abs().amax((1, 2))
+            return candidates & (gap < 0) & (residual * d_scale <= bound * -gap)
+
+        def active(s: tuple[Tensor, Tensor]) -> Tensor:
+            return candidates & ~s[1] & torch.isfinite(s[0]).all(-1).all(-1)
+
+        def step(s: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            running = active(s)
+            R, _ = self.residual(s[0])
+            u = torch.where(running[:, None, None], self.step(s[0], R), s[0])
+            return u, s[1] | certified(u)
+
+        with torch.no_grad():
+            u = self.start()
+            (_, found), _ = iterate(
+                step, (u, certified(u)), active=active, maxiter=maxiter, cadence=cadence
+            )
+        return found
 
     def limit(self, tol: float) -> Tensor:
         """``tol · (1 + ‖[c; b; h]‖∞)`` per problem (B,): residuals are computed to about

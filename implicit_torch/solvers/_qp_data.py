@@ -51,11 +51,16 @@ class QPState(NamedTuple):
         error: per problem, the ∞-norm of the KKT residual (stationarity, ``Ax − b``,
             ``λ ⊙ (Gx − h)``) and of the inequality violation ``(Gx − h)₊``.
         converged: per problem, whether ``error`` met the tolerance.
+        status: per problem, a :class:`~implicit_torch._result.Status` code (int64): 0
+            converged; otherwise why not, e.g. ``UNBOUNDED`` (``Q`` not positive semidefinite:
+            not convex), ``SINGULAR`` (``Q`` singular, or dependent equality constraints),
+            ``INFEASIBLE`` (no point satisfies the constraints), ``MAX_ITERATIONS``.
     """
 
     iter_num: Tensor
     error: Tensor
     converged: Tensor
+    status: Tensor
 
 
 # ----------------------------------------------------------------------------------------

@@ -33,6 +33,14 @@ Bisection                                             division by the diagonal o
 QP                                                    the KKT structure (``KKTLinearSolve``)
 ====================================================  ==========================================
 
+Failures. Besides ``error > tol`` at ``maxiter`` (or a NaN), a solver's iterations may detect
+that they cannot go on: a state field ``stalled`` (the line-search solvers, mirror descent,
+Gauss–Newton and Levenberg–Marquardt) is set when an iteration could not move the iterate
+although its error is above zero (a collapsed line search or step: every later iteration would
+do the same), and Gauss–Newton's ``singular`` when its system is singular. The loop stops there
+and the failure is reported with its cause (:meth:`IterativeSolver._failure_messages`); the
+error stays the solver's true measure at the returned point (:func:`step_error`).
+
 Convergence checks. The loop is :func:`implicit_torch._loop.iterate`: ``state.error`` is read
 on the host only every ``check_every`` iterations (by default every iteration on the CPU, every
 10 on an accelerator); in between, a problem that has converged is frozen by ``torch.where``
@@ -54,16 +62,42 @@ from implicit_torch._loop import Cadence, iterate
 from implicit_torch._result import (
     DEFAULT_RTOL,
     SolveInfo,
+    Status,
     check_maxiter,
     check_on_failure,
     check_tolerances,
     report,
     status_codes,
 )
-from implicit_torch._tree import tree_detach, tree_flatten, tree_leaves, tree_unflatten, tree_where
+from implicit_torch._tree import (
+    describe,
+    tree_detach,
+    tree_flatten,
+    tree_l2_norm,
+    tree_leaves,
+    tree_sub,
+    tree_unflatten,
+    tree_where,
+)
 from implicit_torch.adjoint import Adjoint, from_flags
 
-__all__ = ["DiffFields", "IterativeSolver", "OptStep"]
+__all__ = ["DiffFields", "IterativeSolver", "OptStep", "moved", "step_error"]
+
+# What a failure found by a solver's own iterations means, by Status: (headline, detail, fix).
+# See IterativeSolver._failure_messages.
+Failure = tuple[str, str, str]
+
+# A stalled line search (the state's ``stalled``): no trial step decreased the objective and
+# moved the iterate, so no later iteration can either.
+LINE_SEARCH_STALL: Failure = (
+    "stalled",
+    "its line search found no step that decreases the objective and moves the iterate",
+    "if the error is at the rounding level of fun's gradient, tol is below what this dtype "
+    "attains: loosen it; otherwise fun is NaN or Inf near the returned point (outside its "
+    "domain) or its gradient is wrong there: check both, or keep the iterates inside the "
+    "domain (ProjectedGradient, or a reparametrisation).",
+)
+_DEFAULT_FIX = "raise maxiter, loosen tol or adjust the step size."
 
 Solve = str | Callable[..., Any]
 
@@ -168,6 +202,7 @@ class IterativeSolver(DiffFields):
             never receives a gradient.
         """
         self._validate()
+        _check_init_params(type(self).__name__, init_params)
         params, state = self.adjoint.apply(
             self._iterate,
             self.optimality_fun,
@@ -184,6 +219,10 @@ class IterativeSolver(DiffFields):
         check_maxiter(self.maxiter)
         if not isinstance(self.tol, torch.Tensor):
             check_tolerances(self.tol)
+        elif _runtime.can_inspect_values(self.tol):
+            tol = self.tol.detach()
+            if not (tol.is_floating_point() and bool((torch.isfinite(tol) & (tol >= 0)).all())):
+                raise ValueError(f"tol must be finite and non-negative, got {self.tol}")
 
     def _iterate(self, init_params: Any, *args: Any) -> tuple[Any, Any]:
         """The forward solve: ``(params, state)`` after the loop, failures reported."""
@@ -215,7 +254,25 @@ class IterativeSolver(DiffFields):
 
     def _active(self, state: Any) -> torch.Tensor:
         # A NaN error compares False: the loop stops, and the report says why.
-        return state.error > self.tol
+        active = state.error > self.tol
+        for failed in self._failures(state).values():
+            active = active & ~failed
+        return active
+
+    def _failures(self, state: Any) -> dict[str, torch.Tensor]:
+        """The failures the iterations detected, as bool masks keyed by a lower-case
+        :class:`~implicit_torch._result.Status` name (as :func:`~implicit_torch._result.
+        status_codes` takes them): a failed problem stops, and is reported with
+        :meth:`_failure_messages`. By default a state field ``stalled`` is a
+        ``"breakdown"``: the last iteration could not move the iterate."""
+        stalled = getattr(state, "stalled", None)
+        return {} if stalled is None else {"breakdown": stalled}
+
+    def _failure_messages(self, state: Any) -> dict[Status, Failure]:
+        """What each failure of :meth:`_failures` means: ``(headline, detail, fix)`` by
+        status, for :func:`~implicit_torch._result.report`. By default a stall is a line
+        search's (:data:`LINE_SEARCH_STALL`)."""
+        return {Status.BREAKDOWN: LINE_SEARCH_STALL}
 
     def _print(self, k: int, carry: tuple) -> None:
         error = float(carry[1].error.detach())
@@ -224,22 +281,79 @@ class IterativeSolver(DiffFields):
     def _report(self, state: Any) -> None:
         error = state.error.detach()
         converged = error <= self.tol
+        status = status_codes(converged, error, **self._failures(state))
         info = SolveInfo(
             iterations=state.iter_num,
             residual_norm=error,
             converged=converged,
-            status=status_codes(converged, error),
+            status=status,
             method=type(self).__name__,
             target=torch.as_tensor(self.tol).detach(),
         )
+        messages = self._failure_messages(state)
+        worst = Status(int(status.max()))  # the one report() describes
+        fix = messages[worst][2] if worst in messages else _DEFAULT_FIX
         report(
             type(self).__name__,
             info,
             self.on_failure,
             target=None if isinstance(self.tol, torch.Tensor) else f"tol={self.tol:g}",
             maxiter=self.maxiter,
-            fix="raise maxiter, loosen tol or adjust the step size.",
+            fix=fix,
+            explain={code: (headline, detail) for code, (headline, detail, _) in messages.items()},
         )
+
+
+def _check_init_params(who: str, init_params: Any) -> None:
+    """``TypeError`` unless every leaf of ``init_params`` is a floating-point tensor."""
+    leaves = tree_leaves(init_params)
+    if leaves and all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in leaves):
+        return
+    bad = next(
+        (v for v in leaves if not (isinstance(v, torch.Tensor) and v.is_floating_point())), None
+    )
+    found = (
+        "no tensor"
+        if bad is None
+        else (f"dtype {bad.dtype}" if isinstance(bad, torch.Tensor) else type(bad).__name__)
+    )
+    raise TypeError(
+        f"{who}: init_params must be a floating-point tensor (float16, bfloat16, float32 or "
+        f"float64) or a pytree of them, got {describe(init_params)} with {found} (convert it, "
+        "e.g. init_params.to(torch.float64))"
+    )
+
+
+def moved(new: Any, old: Any) -> torch.Tensor:
+    """Whether a step changed any entry of the iterate (a 0-d bool tensor): a step below the
+    rounding of the iterate leaves it bitwise unchanged."""
+    changed = [(a != b).any() for a, b in zip(tree_leaves(new), tree_leaves(old))]
+    return torch.stack(changed).any() if len(changed) > 1 else changed[0]
+
+
+def step_error(
+    new: Any,
+    old: Any,
+    eta: Any,
+    reference: Callable[[], torch.Tensor],
+    use_reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(error, moved)``: ``‖x⁺ − x‖ / η``, JAXopt's error of a step of size ``η`` from ``x =
+    old`` to ``x⁺ = new``, and whether the step moved ``x`` at all.
+
+    A step below the rounding of ``x`` (a collapsed line search, a vanishing step schedule)
+    leaves ``x`` unchanged and that ratio 0 however far ``x`` is from a solution. Where ``x⁺ ==
+    x`` (every entry), or ``use_reference`` says so, the error is ``reference()`` instead: the
+    same measure at a step that is not collapsed (the step of the solver's optimality
+    condition). ``reference`` is evaluated only where it is needed when values can be read for
+    free (the CPU, outside transforms), and selected by ``torch.where`` otherwise.
+    """
+    has_moved = moved(new, old)
+    ratio = tree_l2_norm(tree_sub(new, old)) / eta
+    need = ~has_moved if use_reference is None else ~has_moved | use_reference
+    if Cadence(has_moved.device, has_moved).every_step and not bool(need):
+        return ratio, has_moved
+    return torch.where(need, reference().to(ratio.dtype), ratio), has_moved
 
 
 def value_and_grad(fun: Callable[..., torch.Tensor], x: Any, *args: Any) -> tuple[Any, Any]:

@@ -10,10 +10,11 @@ from typing import Any, NamedTuple
 import torch
 
 from implicit_torch import _runtime
+from implicit_torch._result import Status
 from implicit_torch._tree import Raveler, tree_leaves
-from implicit_torch.linear import LinearOperator, get_solver, is_builtin
+from implicit_torch.linear import SOLVERS, LinearOperator, get_solver, is_builtin
 from implicit_torch.optimality import make_stationarity_fun
-from implicit_torch.solvers.base import IterativeSolver, OptStep
+from implicit_torch.solvers.base import Failure, IterativeSolver, OptStep, moved
 
 __all__ = ["GaussNewton", "GaussNewtonState"]
 
@@ -27,11 +28,18 @@ class GaussNewtonState(NamedTuple):
         iter_num: iterations run (int64, 0-d).
         value: ``½‖r(x)‖²`` at the iterate the last step was taken from (0-d).
         error: ``‖Jᵀr‖`` there (the gradient norm of ``½‖r‖²``).
+        singular: the Gauss–Newton system ``JᵀJ δ = −Jᵀr`` of the last iteration was singular
+            (``J`` without full column rank): no step was taken, and the solver stops and
+            reports it (bool, 0-d).
+        stalled: the last step did not move ``x`` (below its rounding) although the error is
+            above zero: the solver stops and reports it (bool, 0-d).
     """
 
     iter_num: Tensor
     value: Tensor
     error: Tensor
+    singular: Tensor
+    stalled: Tensor
 
 
 class _Linearization:
@@ -77,13 +85,31 @@ def _ravel_residual(r: Any) -> Tensor:
     return torch.cat([v.reshape(-1) for v in leaves]) if len(leaves) > 1 else leaves[0].reshape(-1)
 
 
-def _solve(solver: Any, operator: LinearOperator, b: Tensor) -> Tensor:
-    """``A⁻¹ b`` with one of the package's linear solvers (a name or a callable)."""
+# What a failed step of a least-squares solver means (base.Failure: headline, detail, fix).
+_STEP_STALL = (
+    "stalled",
+    "its step no longer moves the iterate (it is below the rounding of x)",
+    "loosen tol, or check residual_fun and its Jacobian near the returned point.",
+)
+
+
+def _solve(solver: Any, operator: LinearOperator, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``(A⁻¹ b, failed)`` with one of the package's linear solvers (a name or a callable):
+    ``failed`` (0-d bool) when the system is singular or indefinite (the solver's status says
+    so, or Cholesky had to fall back to LU: not positive definite), broke down, or gave a
+    non-finite solution. A solve that only missed its tolerance has not failed: the outer
+    iteration reports its own convergence, and an inexact step only slows it."""
     solve = get_solver(solver)
-    if is_builtin(solve):
-        # The outer iteration reports failure; an inexact inner solve only slows it.
-        return solve(operator, b, on_failure="ignore")
-    return solve(operator, b)
+    if not is_builtin(solve):
+        x = solve(operator, b)
+        return x, ~torch.isfinite(x).all()
+    x, info = solve(operator, b, on_failure="ignore", return_info=True)
+    failed = torch.zeros_like(info.converged).any()
+    for code in (Status.SINGULAR, Status.INDEFINITE, Status.BREAKDOWN, Status.NONFINITE):
+        failed = failed | (info.status == code).any()
+    if info.method == "lu" and solve is SOLVERS["cholesky"] and _runtime.can_inspect_values():
+        failed = torch.ones_like(failed)  # Cholesky fell back to LU: not positive definite
+    return x, failed | ~torch.isfinite(x).all()
 
 
 def _least_squares_objective(residual_fun: Callable[..., Any]) -> Callable[..., Tensor]:
@@ -102,8 +128,12 @@ class GaussNewton(IterativeSolver):
     ``torch.func.jvp`` and one vjp); ``solver`` chooses the linear solver: ``"cholesky"`` (the
     default: forms the ``N × N`` matrix with ``N`` vmapped matvecs, exact), ``"cg"``
     (matrix-free), any other name of :mod:`implicit_torch.linear` or a callable
-    ``solve(matvec, b)``. ``J`` needs full column rank; otherwise use
-    :class:`~implicit_torch.solvers.levenberg_marquardt.LevenbergMarquardt`.
+    ``solve(matvec, b)``. ``J`` needs full column rank (as many independent residuals as
+    unknowns): where ``JᵀJ`` is singular (Cholesky fails, or the linear solver reports it) no
+    step is taken and the solver stops with a report (``state.singular``); use
+    :class:`~implicit_torch.solvers.levenberg_marquardt.LevenbergMarquardt` there, whose
+    damping makes every step well defined. (With ``solver="cg"`` a singular but consistent
+    system still gives a step, CG's minimum-norm one from 0.)
 
     ``run(init_params, *args)``; ``init_params`` a tensor or pytree (flattened internally; ``r`` may
     be a pytree too). The solution is differentiable in ``args`` through the stationarity condition
@@ -135,19 +165,39 @@ class GaussNewton(IterativeSolver):
             iter_num=torch.zeros((), dtype=torch.int64, device=leaf.device),
             value=torch.tensor(math.inf, dtype=leaf.dtype, device=leaf.device),
             error=torch.tensor(math.inf, dtype=leaf.dtype, device=leaf.device),
+            singular=torch.zeros((), dtype=torch.bool, device=leaf.device),
+            stalled=torch.zeros((), dtype=torch.bool, device=leaf.device),
         )
 
     def update(self, params: Any, state: GaussNewtonState, *args: Any) -> OptStep:
-        """One Gauss–Newton step."""
+        """One Gauss–Newton step (none where ``JᵀJ`` is singular)."""
         lin = _Linearization(self.residual_fun, params, args)
-        delta = _solve(self.solver, lin.normal_operator(), -lin.grad)
-        x_new = lin.x + self.stepsize * delta
+        delta, singular = _solve(self.solver, lin.normal_operator(), -lin.grad)
+        x_new = torch.where(singular, lin.x, lin.x + self.stepsize * delta)
+        error = torch.linalg.vector_norm(lin.grad)
         new_state = GaussNewtonState(
             iter_num=state.iter_num + 1,
             value=0.5 * torch.dot(lin.r, lin.r),
-            error=torch.linalg.vector_norm(lin.grad),
+            error=error,
+            singular=singular & (error > 0),
+            stalled=~singular & ~moved(x_new, lin.x) & (error > 0),
         )
         return OptStep(lin.raveler.unravel(x_new.reshape(1, -1)), new_state)
+
+    def _failures(self, state: GaussNewtonState) -> dict[str, Tensor]:
+        return {"singular": state.singular, "breakdown": state.stalled}
+
+    def _failure_messages(self, state: GaussNewtonState) -> dict[Status, Failure]:
+        return {
+            Status.SINGULAR: (
+                "met a singular matrix",
+                "the Gauss–Newton system JᵀJ δ = −Jᵀr is singular: the Jacobian J = ∂r/∂x "
+                "needs full column rank (at least as many independent residuals as unknowns)",
+                "use LevenbergMarquardt (its damping μ·I makes every step well defined), or "
+                "solver='cg' (minimum-norm steps), or a residual that determines x.",
+            ),
+            Status.BREAKDOWN: _STEP_STALL,
+        }
 
     def optimality_fun(self, params: Any, *args: Any) -> Any:
         """``Jᵀr = ∇ₓ ½‖residual_fun(params, *args)‖²``, shaped like ``params``."""

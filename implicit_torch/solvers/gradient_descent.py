@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from implicit_torch._tree import tree_l2_norm
 from implicit_torch.optimality import make_stationarity_fun
-from implicit_torch.solvers.base import OptStep
+from implicit_torch.solvers.base import OptStep, moved
 from implicit_torch.solvers.proximal_gradient import ProxGradState, _ProximalGradientBase
 
 __all__ = ["GradientDescent"]
@@ -25,7 +26,10 @@ class GradientDescent(_ProximalGradientBase):
     but differentiated through the stationarity condition ``∇ₓfun(x*, *args) = 0``, whose
     Jacobian is the symmetric Hessian: the default linear solver is CG.
 
-    ``run(init_params, *args)``; ``state.error = ‖∇fun(y)‖`` at the last gradient evaluation.
+    ``run(init_params, *args)``; ``state.error = ‖∇fun(y)‖`` at the last gradient evaluation
+    (measured directly, so a collapsed step never makes it 0). A line search that collapses
+    (its step no longer moves ``y``) stops the solver with a report, see
+    :class:`ProximalGradient`.
 
     Attributes:
         fun: ``fun(x, *args)``, a scalar tensor; ``x`` a tensor or pytree.
@@ -42,6 +46,10 @@ class GradientDescent(_ProximalGradientBase):
 
     def _prox(self, v, hyperparams, eta):
         return v
+
+    def _error(self, y, g_y, trial, eta, hyperparams, use_reference):
+        # ‖x⁺ − y‖ / η = ‖∇fun(y)‖ exactly here: measured directly, it never cancels.
+        return tree_l2_norm(g_y), moved(trial, y)
 
     def init_state(self, init_params: Any, *args: Any) -> ProxGradState:
         return self._init(init_params)

@@ -11,7 +11,12 @@ import torch
 from implicit_torch._loop import Cadence
 from implicit_torch._tree import Raveler
 from implicit_torch.optimality import make_stationarity_fun
-from implicit_torch.solvers.base import IterativeSolver, OptStep, objective_value_and_grad
+from implicit_torch.solvers.base import (
+    IterativeSolver,
+    OptStep,
+    moved,
+    objective_value_and_grad,
+)
 
 __all__ = ["LBFGS", "LbfgsState"]
 
@@ -32,6 +37,10 @@ class LbfgsState(NamedTuple):
         y_history: ``(history_size, N)``, the gradient changes ``y_i = ∇fun(x_{i+1}) −
             ∇fun(x_i)``.
         rho_history: ``(history_size,)``, ``1 / ⟨s_i, y_i⟩``, or 0 for an empty row.
+        stalled: the last iteration did not move ``x`` although it had nothing left to try: its
+            line search failed along steepest descent (an empty history), or accepted a step
+            below the rounding of ``x``. The next iteration would be the same, so the solver
+            stops and reports it (bool, 0-d).
     """
 
     iter_num: Tensor
@@ -42,6 +51,7 @@ class LbfgsState(NamedTuple):
     s_history: Tensor
     y_history: Tensor
     rho_history: Tensor
+    stalled: Tensor
 
 
 @dataclasses.dataclass
@@ -66,7 +76,10 @@ class LBFGS(IterativeSolver):
       1``, the first with sufficient decrease (Armijo).
 
     Sufficient decrease is tested up to float rounding of ``fun``. If no trial has it, the
-    iterate does not move and the history is cleared (the next direction is steepest descent).
+    iterate does not move and the history is cleared (the next direction is steepest descent);
+    if that happens along steepest descent already, or an accepted step no longer moves ``x``
+    (below its rounding), the line search has nothing left to try: the solver stops and
+    reports it (``state.stalled``, e.g. ``fun`` NaN beyond the returned point).
     A pair ``(s, y)`` enters the history only with positive curvature ``⟨s, y⟩ > ε ‖s‖ ‖y‖``
     (always true after a strong-Wolfe step), which keeps ``H`` positive definite. Iterations
     have static shapes: the history is a shift register and the line searches are masked
@@ -142,6 +155,7 @@ class LBFGS(IterativeSolver):
             s_history=torch.zeros((m, n), **kw),
             y_history=torch.zeros((m, n), **kw),
             rho_history=torch.zeros((m,), **kw),
+            stalled=torch.zeros((), dtype=torch.bool, device=g.device),
         )
 
     def update(self, params: Any, state: LbfgsState, *args: Any) -> OptStep:
@@ -171,6 +185,10 @@ class LBFGS(IterativeSolver):
         x_new = torch.where(accepted, x_new, x)
         f_new = torch.where(accepted, f_new, state.value)
         g_new = torch.where(accepted, g_new, g)
+        # Nothing left to try: the search failed along steepest descent (no history), or its
+        # step is below the rounding of x. Either way the next iteration would repeat this one.
+        steepest = (state.rho_history == 0).all()
+        stalled = ~moved(x_new, x) & (accepted | steepest) & (state.error > 0)
 
         s, y = x_new - x, g_new - g
         sy = torch.dot(s, y)
@@ -194,6 +212,7 @@ class LBFGS(IterativeSolver):
             s_history=S,
             y_history=Y,
             rho_history=rho,
+            stalled=stalled,
         )
         return OptStep(raveler.unravel(x_new.reshape(1, -1)), new_state)
 

@@ -9,11 +9,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from implicit_torch._result import Status
 from implicit_torch._tree import Raveler
 from implicit_torch.linear import get_solver
 from implicit_torch.optimality import make_stationarity_fun
-from implicit_torch.solvers.base import IterativeSolver, OptStep
+from implicit_torch.solvers.base import Failure, IterativeSolver, OptStep, moved
 from implicit_torch.solvers.gauss_newton import (
+    _STEP_STALL,
     _least_squares_objective,
     _Linearization,
     _solve,
@@ -34,6 +36,9 @@ class LevenbergMarquardtState(NamedTuple):
         damping: the damping ``μ`` of the next step (0-d).
         nu: the factor by which ``μ`` grows at the next rejected step (0-d).
         accepted: whether the last trial step was accepted (bool, 0-d).
+        stalled: the last trial step did not move ``x`` (below its rounding, the damping
+            having grown after rejected steps) although the error is above zero: a larger
+            damping can only shorten it, so the solver stops and reports it (bool, 0-d).
     """
 
     iter_num: Tensor
@@ -42,6 +47,7 @@ class LevenbergMarquardtState(NamedTuple):
     damping: Tensor
     nu: Tensor
     accepted: Tensor
+    stalled: Tensor
 
 
 @dataclasses.dataclass
@@ -57,6 +63,10 @@ class LevenbergMarquardt(IterativeSolver):
     otherwise ``x`` stays and ``μ ← μ ν``, ``ν ← 2ν``. Every branch is a ``torch.where``: no
     host synchronisation. ``JᵀJ + μ I`` is applied matrix-free; ``solver`` is as in
     :class:`~implicit_torch.solvers.gauss_newton.GaussNewton` (default ``"cholesky"``).
+
+    A trial step that no longer moves ``x`` (the damping grown until the step is below the
+    rounding of ``x``, e.g. after every longer step left ``residual_fun``'s domain) ends the
+    run with a report (``state.stalled``): more damping could only shorten it.
 
     ``run(init_params, *args)``; ``init_params`` a tensor or pytree. The solution is differentiable
     in ``args`` through the stationarity condition ``Jᵀr = 0`` (default linear solver CG).
@@ -90,13 +100,14 @@ class LevenbergMarquardt(IterativeSolver):
             damping=torch.tensor(self.damping_parameter, **kw),
             nu=torch.tensor(2.0, **kw),
             accepted=torch.zeros((), dtype=torch.bool, device=flat.device),
+            stalled=torch.zeros((), dtype=torch.bool, device=flat.device),
         )
 
     def update(self, params: Any, state: LevenbergMarquardtState, *args: Any) -> OptStep:
         """One trial step, accepted or rejected."""
         lin = _Linearization(self.residual_fun, params, args)
         mu, g = state.damping, lin.grad
-        delta = _solve(self.solver, lin.normal_operator(mu), -g)
+        delta, _ = _solve(self.solver, lin.normal_operator(mu), -g)  # (JᵀJ + μI) is definite
         x_try = lin.x + delta
         r_try = lin.flat_residual(x_try)
         f = 0.5 * torch.dot(lin.r, lin.r)
@@ -107,15 +118,21 @@ class LevenbergMarquardt(IterativeSolver):
         accepted = (f_try <= f) & torch.isfinite(f_try)
         x_new = torch.where(accepted, x_try, lin.x)
         shrink = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
+        error = torch.linalg.vector_norm(g)
+        damping = torch.where(accepted, mu * shrink, mu * state.nu)
         new_state = LevenbergMarquardtState(
             iter_num=state.iter_num + 1,
             value=f,
-            error=torch.linalg.vector_norm(g),
-            damping=torch.where(accepted, mu * shrink, mu * state.nu),
+            error=error,
+            damping=damping,
             nu=torch.where(accepted, torch.full_like(state.nu, 2.0), 2 * state.nu),
             accepted=accepted,
+            stalled=(~moved(x_try, lin.x) | ~torch.isfinite(damping)) & (error > 0),
         )
         return OptStep(lin.raveler.unravel(x_new.reshape(1, -1)), new_state)
+
+    def _failure_messages(self, state: LevenbergMarquardtState) -> dict[Status, Failure]:
+        return {Status.BREAKDOWN: _STEP_STALL}
 
     def optimality_fun(self, params: Any, *args: Any) -> Any:
         """``Jᵀr = ∇ₓ ½‖residual_fun(params, *args)‖²``, shaped like ``params``."""

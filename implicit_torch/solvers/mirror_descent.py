@@ -19,9 +19,17 @@ from typing import Any, NamedTuple
 
 import torch
 
+from implicit_torch._result import Status
 from implicit_torch._tree import tree_l2_norm, tree_leaves, tree_sub
 from implicit_torch.optimality import gradient_of
-from implicit_torch.solvers.base import IterativeSolver, OptStep, objective_value_and_grad
+from implicit_torch.prox import with_default_hyperparams
+from implicit_torch.solvers.base import (
+    Failure,
+    IterativeSolver,
+    OptStep,
+    objective_value_and_grad,
+    step_error,
+)
 
 __all__ = [
     "MirrorDescent",
@@ -132,12 +140,18 @@ class MirrorDescentState(NamedTuple):
     Attributes:
         iter_num: iterations run (int64, 0-d).
         stepsize: the step ``η`` of the last iteration (0-d).
-        error: ``‖x⁺ − x‖ / η`` of the last iteration (``inf`` before the first).
+        error: ``‖x⁺ − x‖ / η`` of the last iteration (``inf`` before the first); where the
+            step did not move ``x`` at all (a step below its rounding), the same measure at
+            the step of :meth:`MirrorDescent.optimality_fun`, so it is never 0 away from a
+            solution.
+        stalled: the last step did not move ``x`` although the error is above zero (a step
+            schedule that vanished): the solver stops and reports it (bool, 0-d).
     """
 
     iter_num: Tensor
     stepsize: Tensor
     error: Tensor
+    stalled: Tensor
 
 
 @dataclasses.dataclass
@@ -182,10 +196,12 @@ class MirrorDescent(IterativeSolver):
         """``projection_grad(x, g, η, hp) = projection(mapping_fun(x) − η g, hp)``: a mirror
         step from a mirror map ``mapping_fun = ∇φ`` and the Bregman projection ``projection``
         of the point whose mirror image is its first argument (e.g. :func:`safe_log` and
-        :func:`projection_kl_simplex`)."""
+        :func:`projection_kl_simplex`). ``hyperparams_proj=None`` means the projection's
+        defaults."""
+        project = with_default_hyperparams(projection)
 
         def projection_grad(x, x_fun_grad, stepsize, hyperparams_proj=None):
-            return projection(mapping_fun(x) - stepsize * x_fun_grad, hyperparams_proj)
+            return project(mapping_fun(x) - stepsize * x_fun_grad, hyperparams_proj)
 
         return projection_grad
 
@@ -205,6 +221,7 @@ class MirrorDescent(IterativeSolver):
             iter_num=iter_num,
             stepsize=self._stepsize(iter_num, leaf),
             error=torch.tensor(math.inf, dtype=leaf.dtype, device=leaf.device),
+            stalled=torch.zeros((), dtype=torch.bool, device=leaf.device),
         )
 
     def update(
@@ -214,8 +231,24 @@ class MirrorDescent(IterativeSolver):
         eta = self._stepsize(state.iter_num, tree_leaves(params)[0])
         _, g = objective_value_and_grad(self.fun, params, args, self.value_and_grad)
         x_new = self.projection_grad(params, g, eta, hyperparams_proj)
-        error = tree_l2_norm(tree_sub(x_new, params)) / eta
-        return OptStep(x_new, MirrorDescentState(state.iter_num + 1, eta, error))
+        ref_eta = self._diff_stepsize()
+
+        def reference():
+            x_ref = self.projection_grad(params, g, ref_eta, hyperparams_proj)
+            return tree_l2_norm(tree_sub(x_ref, params)) / ref_eta
+
+        error, has_moved = step_error(x_new, params, eta, reference)
+        stalled = ~has_moved & (error > 0)
+        return OptStep(x_new, MirrorDescentState(state.iter_num + 1, eta, error, stalled))
+
+    def _failure_messages(self, state: MirrorDescentState) -> dict[Status, Failure]:
+        return {
+            Status.BREAKDOWN: (
+                "stalled",
+                f"its step η = {float(state.stepsize):.3g} no longer moves the iterate",
+                "use a step (schedule) that does not vanish.",
+            )
+        }
 
     def optimality_fun(self, params: Any, hyperparams_proj: Any, *args: Any) -> Any:
         """``projection_grad(x, ∇fun(x), η, hyperparams_proj) − x``."""

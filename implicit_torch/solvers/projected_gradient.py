@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from implicit_torch.optimality import make_projected_gradient_fun
+from implicit_torch.prox import with_default_hyperparams
 from implicit_torch.solvers.base import OptStep
 from implicit_torch.solvers.proximal_gradient import ProxGradState, _ProximalGradientBase
 
@@ -29,7 +30,7 @@ class ProjectedGradient(_ProximalGradientBase):
     Attributes:
         fun: ``fun(x, *args)``, a scalar tensor.
         projection: ``projection(v, hyperparams_proj)`` onto a closed convex set (see
-            :mod:`implicit_torch.projection`).
+            :mod:`implicit_torch.projection`); ``hyperparams_proj=None`` means its defaults.
         stepsize, acceleration, maxls, decrease_factor, max_stepsize, value_and_grad: see
             :class:`ProximalGradient`.
         maxiter, tol, ...: see :class:`~implicit_torch.solvers.base.IterativeSolver`.
@@ -39,7 +40,7 @@ class ProjectedGradient(_ProximalGradientBase):
     projection: Callable[..., Any]
 
     def _prox(self, v, hyperparams, eta):
-        return self.projection(v, hyperparams)
+        return with_default_hyperparams(self.projection)(v, hyperparams)
 
     def init_state(
         self, init_params: Any, hyperparams_proj: Any = None, *args: Any
@@ -52,8 +53,9 @@ class ProjectedGradient(_ProximalGradientBase):
 
     def optimality_fun(self, params: Any, hyperparams_proj: Any, *args: Any) -> Any:
         """``proj_C(x − η∇fun(x, *args), hyperparams_proj) − x``."""
+        projection = with_default_hyperparams(self.projection)
         F = make_projected_gradient_fun(
-            self.fun, self.projection, self._diff_stepsize(), value_and_grad=self.value_and_grad
+            self.fun, projection, self._diff_stepsize(), value_and_grad=self.value_and_grad
         )
         return F(params, hyperparams_proj, *args)
 

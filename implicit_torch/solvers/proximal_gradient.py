@@ -29,8 +29,10 @@ from implicit_torch.prox import prox_none
 from implicit_torch.solvers.base import (
     IterativeSolver,
     OptStep,
+    moved,
     objective_value,
     objective_value_and_grad,
+    step_error,
 )
 
 __all__ = ["ProxGradState", "ProximalGradient"]
@@ -43,11 +45,18 @@ class ProxGradState(NamedTuple):
 
     Attributes:
         iter_num: iterations run (int64, 0-d).
-        stepsize: the last step size used (0-d).
+        stepsize: the step of the last iteration; with a line search, the step the next search
+            starts from (0-d).
         error: ``‖x⁺ − y‖ / η``, the step-normalised fixed-point residual at the last point
-            ``y`` the gradient was taken at (``‖∇fun(y)‖`` for gradient descent).
+            ``y`` the gradient was taken at (``‖∇fun(y)‖`` for gradient descent); where the
+            step could not move ``y`` (a collapsed or failed line search), the same measure at
+            the step of :meth:`optimality_fun` (see :func:`~implicit_torch.solvers.base.
+            step_error`), so it is never 0 away from a solution.
         velocity: the extrapolated point ``y`` of the next iteration (FISTA), or ``x``.
         t: FISTA's momentum sequence ``t_k`` (0-d).
+        stalled: the last step did not move ``y = x`` (it is below the rounding of ``x``, and
+            no momentum is left) although the error is above zero: no later iteration can
+            move either, so the solver stops and reports it (bool, 0-d).
     """
 
     iter_num: Tensor
@@ -55,6 +64,7 @@ class ProxGradState(NamedTuple):
     error: Tensor
     velocity: Any
     t: Tensor
+    stalled: Tensor
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -71,7 +81,12 @@ class _ProximalGradientBase(IterativeSolver):
             ``max_stepsize`` and accepting ``η`` when ``fun(x⁺) ≤ fun(y) + ⟨∇fun(y), x⁺ − y⟩
             + ‖x⁺ − y‖² / (2η)`` (up to float rounding of ``fun``). Each search starts from the
             last accepted step, so the step never increases (as FISTA's analysis needs, and so
-            that no step is accepted only because the decrease is below rounding).
+            that no step is accepted only because the decrease is below rounding). A search
+            that accepts no trial within ``maxls`` takes no step: the iterate stays at ``x``
+            (the momentum restarts), and the next search goes on from a smaller step, or from
+            the same one when ``fun(y)`` itself was not finite (an extrapolated ``y`` outside
+            ``fun``'s domain). A search whose accepted step no longer moves ``y`` has
+            collapsed: the solver stops and reports it (``state.stalled``).
         acceleration: FISTA momentum (Nesterov).
         maxls: maximum number of backtracking steps per iteration.
         decrease_factor: step shrink factor of the line search.
@@ -91,6 +106,16 @@ class _ProximalGradientBase(IterativeSolver):
     def _prox(self, v: Any, hyperparams: Any, eta: Any) -> Any:
         raise NotImplementedError
 
+    def _validate(self) -> None:
+        super()._validate()
+        if self.stepsize <= 0:
+            if not 0 < self.decrease_factor < 1:
+                raise ValueError(f"decrease_factor must be in (0, 1), got {self.decrease_factor}")
+            if isinstance(self.maxls, bool) or not isinstance(self.maxls, int) or self.maxls < 1:
+                raise ValueError(f"maxls must be a positive integer, got {self.maxls!r}")
+            if not self.max_stepsize > 0:
+                raise ValueError(f"max_stepsize must be positive, got {self.max_stepsize}")
+
     def _init(self, init_params: Any) -> ProxGradState:
         leaf = tree_leaves(init_params)[0]
         scalar = dict(dtype=leaf.dtype, device=leaf.device)
@@ -101,41 +126,96 @@ class _ProximalGradientBase(IterativeSolver):
             error=torch.tensor(math.inf, **scalar),
             velocity=init_params,
             t=torch.ones((), **scalar),
+            stalled=torch.zeros((), dtype=torch.bool, device=leaf.device),
         )
 
     def _step(self, x: Any, state: ProxGradState, hyperparams: Any, args: tuple) -> OptStep:
         y = state.velocity if self.acceleration else x
         f_y, g_y = objective_value_and_grad(self.fun, y, args, self.value_and_grad)
+        accepted = None  # a step taken (a fixed step, or a search known to have succeeded)
         if self.stepsize > 0:
             eta: Any = self.stepsize
-            x_new = self._prox(tree_add_scalar_mul(y, -eta, g_y), hyperparams, eta)
+            trial = self._prox(tree_add_scalar_mul(y, -eta, g_y), hyperparams, eta)
             step = state.stepsize
         else:
-            x_new, step = self._line_search(y, f_y, g_y, hyperparams, args, state.stepsize)
-            eta = step
-        error = tree_l2_norm(tree_sub(x_new, y)) / eta
+            stop_early = Cadence(f_y.device).every_step
+            trial, eta, accepted = self._line_search(
+                y, f_y, g_y, hyperparams, args, state.stepsize, stop_early
+            )
+            step = eta
+            if stop_early and bool(accepted):  # read already by the search: no masking
+                accepted = None
+        use_reference = None if accepted is None else ~accepted
+        error, has_moved = self._error(y, g_y, trial, eta, hyperparams, use_reference)
+        # Stuck: the step moved nothing, and no momentum is left to move the next one.
+        x_new, stalled = trial, ~has_moved & (error > 0)
+        if self.acceleration:
+            stalled = stalled & ~moved(y, x)
+        if accepted is not None:
+            x_new, step, error, stalled = self._failed_search(
+                x, y, f_y, state, accepted, trial, step, error, stalled
+            )
         if self.acceleration:
             t_new = 0.5 + torch.sqrt(0.25 + state.t * state.t)  # = (1 + √(1 + 4t²)) / 2
             velocity = tree_add_scalar_mul(x_new, (state.t - 1) / t_new, tree_sub(x_new, x))
+            if accepted is not None:
+                # A failed search restarts the momentum (O'Donoghue & Candès, 2015).
+                t_new = torch.where(accepted, t_new, torch.ones_like(t_new))
+                velocity = tree_where(accepted, velocity, x_new)
         else:
             t_new, velocity = state.t, x_new
-        new_state = ProxGradState(state.iter_num + 1, step, error, velocity, t_new)
+        new_state = ProxGradState(state.iter_num + 1, step, error, velocity, t_new, stalled)
         return OptStep(x_new, new_state)
 
-    def _line_search(self, y, f_y, g_y, hyperparams, args, last_step):
-        """Backtracking from ``last_step``: the first accepted trial, or the last (smallest)
-        one after ``maxls``.
+    def _failed_search(self, x, y, f_y, state, accepted, trial, step, error, stalled):
+        """``(x⁺, step, error, stalled)`` where the line search may have failed (``accepted``
+        False, a 0-d tensor): a failed search takes no step, back to ``x``, the last accepted
+        iterate (``y`` may be an extrapolation), and the next search goes on from a smaller
+        step, unless ``fun(y)`` itself was not finite (an extrapolated ``y`` outside the
+        domain). The error at ``y`` is then the reference measure, or unknown where
+        ``fun(y)`` is not finite (the previous one; NaN at ``y = x``, where nothing is left to
+        restart from)."""
+        finite = torch.isfinite(f_y)
+        shrunk = torch.where(finite, step * self.decrease_factor, state.stepsize)
+        unmeasured = torch.full_like(error, torch.nan)
+        if self.acceleration:
+            unmeasured = torch.where(moved(y, x), state.error, unmeasured)
+        return (
+            tree_where(accepted, trial, x),
+            torch.where(accepted, step, shrunk),
+            torch.where(accepted | finite, error, unmeasured),
+            accepted & stalled,
+        )
 
-        No host synchronisation except, on the CPU outside transforms, one read per trial to
-        stop at the first accepted step; elsewhere all ``maxls`` trials run, masked.
+    def _error(self, y, g_y, trial, eta, hyperparams, use_reference) -> tuple[Tensor, Tensor]:
+        """``(error, moved)`` of the step from ``y`` to ``trial`` (:func:`~implicit_torch.
+        solvers.base.step_error`), the reference being the prox-gradient residual at the
+        step of :meth:`optimality_fun`."""
+        ref_eta = self._diff_stepsize()
+
+        def reference():
+            x_ref = self._prox(tree_add_scalar_mul(y, -ref_eta, g_y), hyperparams, ref_eta)
+            return tree_l2_norm(tree_sub(x_ref, y)) / ref_eta
+
+        return step_error(trial, y, eta, reference, use_reference)
+
+    def _line_search(self, y, f_y, g_y, hyperparams, args, last_step, stop_early):
+        """Backtracking from ``last_step``: ``(trial, step, accepted)``, the first accepted
+        trial and its step, or the last (smallest) one after ``maxls`` with ``accepted``
+        False.
+
+        No host synchronisation except, with ``stop_early`` (on the CPU outside transforms),
+        one read per trial to stop at the first accepted step; elsewhere all ``maxls`` trials
+        run, masked.
         """
         # The step never increases: near convergence the decrease of ``fun`` falls below its
         # float resolution, and a step allowed to grow back would be accepted too large.
         step = last_step
         slack = 10 * torch.finfo(f_y.dtype).eps * f_y.abs()
-        stop_early = Cadence(f_y.device).every_step
         accepted = torch.zeros((), dtype=torch.bool, device=f_y.device)
-        for j in range(max(self.maxls, 1)):
+        if stop_early and not bool(torch.isfinite(f_y)):
+            return y, step, accepted  # no trial can be accepted
+        for j in range(self.maxls):
             trial = self._prox(tree_add_scalar_mul(y, -step, g_y), hyperparams, step)
             diff = tree_sub(trial, y)
             bound = f_y + tree_vdot(g_y, diff) + tree_l2_norm(diff, squared=True) / (2 * step)
@@ -149,7 +229,7 @@ class _ProximalGradientBase(IterativeSolver):
             if stop_early and bool(accepted):
                 break
             step = step * self.decrease_factor
-        return x_new, step_used
+        return x_new, step_used, accepted
 
     def _diff_stepsize(self) -> float:
         # The step of the fixed-point condition used for differentiation (any η > 0 gives the

@@ -37,6 +37,7 @@ here the two solvers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ from implicit_torch import _runtime
 from implicit_torch._loop import Cadence
 from implicit_torch._result import (
     SolveInfo,
+    Status,
     check_on_failure,
     check_tolerances,
     default_rtol,
@@ -69,7 +71,15 @@ from implicit_torch.solvers._qp_data import (
 )
 from implicit_torch.solvers.base import DiffFields, IterativeSolver, OptStep
 
-__all__ = ["DIRECT_RTOL", "QP", "EqualityConstrainedQP", "KKTLinearSolve", "KKTSolution", "QPState"]
+__all__ = [
+    "DIRECT_RTOL",
+    "QP",
+    "EqualityConstrainedQP",
+    "KKTLinearSolve",
+    "KKTSolution",
+    "QPState",
+    "report_qp",
+]
 
 Tensor = torch.Tensor
 
@@ -87,11 +97,35 @@ _USE_COMPILED_KERNEL = True
 # p + m = 30, 3.5x at 20 (B = 64), 2.8x at 50, 2.0x at 105, 1.05x at 200, 0.83x at 300.
 _KERNEL_MAX_CONSTRAINTS = 200
 
-# What a failed QP is told to check.
+# What a failed QP is told to check, by status: (headline, detail, fix) as in
+# implicit_torch.solvers.base.Failure; the headline stays "did not converge", the detail says
+# why.
 _QP_FIX = (
     "the problem may be infeasible, unbounded or degenerate (Q not positive definite, "
     "dependent equality constraints), or need a larger maxiter or tol."
 )
+_QP_FAILURES: dict[Status, tuple[str, str, str]] = {
+    Status.UNBOUNDED: (
+        "did not converge",
+        "Qₛ = ½(Q + Qᵀ) is not positive semidefinite: the objective is not convex, and "
+        "unbounded below where the constraints allow; no point is returned (NaN), since a "
+        "stationary point would be a saddle",
+        "make Q positive semidefinite (e.g. add μ·I with μ above minus its smallest "
+        "eigenvalue), or use a solver for non-convex problems.",
+    ),
+    Status.SINGULAR: (
+        "did not converge",
+        "Qₛ is singular, or the equality constraints are linearly dependent: this "
+        "interior-point method needs Qₛ positive definite and A of full row rank",
+        "add a small ridge μ·I to Q (e.g. μ = 1e-8 · ‖Q‖), or remove the dependent rows of A.",
+    ),
+    Status.INFEASIBLE: (
+        "did not converge",
+        "the problem is infeasible: no x satisfies A x = b, G x ≤ h (the multipliers give a "
+        "Farkas certificate)",
+        "check the constraints (A, b, G, h).",
+    ),
+}
 
 
 def _finish(z: Tensor, state: QPState, data: _Data, has_eq: bool, has_ineq: bool) -> OptStep:
@@ -118,14 +152,32 @@ def _through_kkt(adjoint: Adjoint, solve: Any, args: tuple, default_solve: Any) 
     )
 
 
-def _report(who: str, state: QPState, on_failure: str, fix: str, **message: Any) -> None:
-    """Report the problems of ``state`` that did not converge, as ``on_failure`` says;
-    ``message``: ``target`` (the threshold per problem, a tensor), ``maxiter``, ``explain``
-    (see :func:`~implicit_torch._result.report`)."""
-    status = status_codes(state.converged, state.error)
-    target = message.pop("target", None)
-    info = SolveInfo(state.iter_num, state.error, state.converged, status, who, target)
-    report(who, info, on_failure, measure="KKT error", fix=fix, **message)
+def report_qp(
+    who: str,
+    state: QPState,
+    on_failure: str,
+    *,
+    fix: str = _QP_FIX,
+    failures: dict[Status, tuple[str, str, str]] | None = None,
+    target: Tensor | None = None,
+    maxiter: int | None = None,
+) -> None:
+    """Report the problems of ``state`` that did not converge, as ``on_failure`` says, each
+    with what its ``state.status`` means (:data:`_QP_FAILURES`, updated by ``failures``, e.g.
+    a projection's own words) and ``fix`` otherwise; ``target``: the threshold per problem."""
+    info = SolveInfo(state.iter_num, state.error, state.converged, state.status, who, target)
+    messages = {**_QP_FAILURES, **(failures or {})}
+    worst = Status(int(state.status.max()))
+    report(
+        who,
+        info,
+        on_failure,
+        measure="KKT error",
+        fix=messages[worst][2] if worst in messages else fix,
+        explain={code: (headline, detail) for code, (headline, detail, _) in messages.items()},
+        maxiter=maxiter,
+        stacklevel=4,
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,16 +239,33 @@ class EqualityConstrainedQP(DiffFields):
             rhs = -c.expand(data.B, data.n)
             if A is not None:
                 rhs = torch.cat([rhs, b.expand(data.B, data.p)], -1)
-            z = torch.linalg.solve_ex(K, rhs)[0]  # a singular K gives NaN, reported below
+            z, info = torch.linalg.solve_ex(K, rhs)  # a singular K: reported below
             error = _kkt_error(z, Q, c, A, b, None, None)
             ones = torch.ones(data.B, dtype=torch.int64, device=data.device)
-            return z, QPState(ones, error, error <= tol * (1 + rhs.abs().amax(-1)))
+            converged = error <= tol * (1 + rhs.abs().amax(-1))
+            status = _direct_status(converged, error, info != 0, A, b)
+            return z, QPState(ones, error, converged, status)
 
         z, state = _through_kkt(self.adjoint, solve, args, self.default_implicit_diff_solve())
         if _runtime.can_inspect_values():
             fix = "Q may be singular on the null space of A, or A rank-deficient."
-            _report(type(self).__name__, state, self.on_failure, fix)
+            report_qp(type(self).__name__, state, self.on_failure, fix=fix)
         return _finish(z, state, data, A is not None, False)
+
+
+def _direct_status(converged, error, singular, A: Tensor | None, b: Tensor | None) -> Tensor:
+    """Status codes of a direct KKT solve: a failed problem whose ``A x = b`` has no solution
+    (its least-squares residual is not ~0) is ``INFEASIBLE``, another with a ``singular`` KKT
+    matrix ``SINGULAR``."""
+    infeasible = None
+    if A is not None and _runtime.can_inspect_values() and not bool(converged.all()):
+        A, b = A.detach(), b.detach()
+        x = (torch.linalg.pinv(A) @ b.unsqueeze(-1)).squeeze(-1)
+        gap = (A @ x.unsqueeze(-1)).squeeze(-1) - b
+        scale = 1 + b.abs().amax(-1) + A.abs().amax((-2, -1)) * x.abs().amax(-1)
+        eps = torch.finfo(b.dtype).eps
+        infeasible = ~converged & (gap.abs().amax(-1) > math.sqrt(eps) * scale)
+    return status_codes(converged, error, infeasible=infeasible, singular=singular)
 
 
 # ----------------------------------------------------------------------------------------
@@ -235,8 +304,15 @@ class QP(IterativeSolver):
     and of its inequality violation) is at most ``tol · (1 + ‖[c; b; h]‖∞)``, or when its
     error has not decreased for 3 iterations (the precision floor); the best iterate is
     returned. It has converged if it met ``tol``, or stalled below ``acceptable_tol`` (as
-    IPOPT's acceptable termination). A problem that has not converged (infeasible, unbounded,
-    degenerate) is reported as ``on_failure`` says.
+    IPOPT's acceptable termination). A problem that has not converged is reported as
+    ``on_failure`` says, with its cause in ``state.status`` and the message: ``UNBOUNDED``
+    when ``Qₛ`` is not positive semidefinite (not convex: its Cholesky factorisation fails
+    even with a shift of ``10 n eps ‖Qₛ‖``; NaN is returned, never a saddle point),
+    ``SINGULAR`` when ``Qₛ`` is singular or ``A`` rank-deficient, ``INFEASIBLE`` when the
+    multipliers give a Farkas certificate (found by rerunning the iterations of the failed
+    problems without their early stop, :meth:`_IPM.certify_infeasible`). The compiled kernel
+    and the PyTorch loop report the same: the causes are found from the same matrices, in
+    PyTorch, after either.
 
     Attributes:
         maxiter: maximum interior-point iterations (default 50; 8 to 15 is usual).
@@ -300,6 +376,14 @@ class QP(IterativeSolver):
         z, state = _through_kkt(adjoint, solve, args, kkt)
         return _finish(z, state, data, A is not None, True)
 
+    def _validate(self) -> None:
+        super()._validate()
+        if self.acceptable_tol is not None:
+            try:
+                check_tolerances(self.acceptable_tol)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"acceptable_tol: {e}") from None
+
     def _tol(self, dtype) -> float:
         return self.tol if self.tol is not None else default_rtol(dtype, "qp")
 
@@ -340,17 +424,17 @@ class QP(IterativeSolver):
             z, iters, error, converged = ipm.solve(
                 self.maxiter, tol, acceptable_tol, cadence, on_check
             )
-        state = QPState(iters, error, converged)
+        z, error, converged, status = ipm.diagnose(z, error, converged, self.maxiter, cadence)
+        state = QPState(iters, error, converged, status)
         if cadence.inspect:
-            _report(
+            report_qp(
                 type(self).__name__,
                 state,
                 self.on_failure,
-                _QP_FIX,
                 target=ipm.limit(tol),
                 maxiter=self.maxiter,
             )
-        return z.to(data.dtype), QPState(iters, error.to(data.dtype), converged), ipm
+        return z.to(data.dtype), state._replace(error=error.to(data.dtype)), ipm
 
     def _print(self, k: int, loop_state: Any) -> None:
         print(f"QP iteration {k}: max error {float(loop_state.best_error.max()):.3e}")
