@@ -75,6 +75,7 @@ class Status(enum.IntEnum):
     DIVERGED = 6  # the residual grew without bound (a non-contractive iteration)
     UNBOUNDED = 7  # the objective is unbounded below (or the problem is not convex)
     SINGULAR = 8  # a direct solve met a singular matrix
+    STALLED = 9  # the iterations can no longer move the iterate (e.g. a line search failed)
 
 
 @dataclasses.dataclass
@@ -161,10 +162,15 @@ def check_on_failure(on_failure: str) -> str:
     return on_failure
 
 
-def check_tolerances(tol: float | None, atol: float = 0.0) -> None:
-    """``ValueError`` unless ``tol`` (when given) and ``atol`` are finite and non-negative."""
-    for name, value in (("tol", tol), ("atol", atol)):
-        if value is None and name == "tol":
+def check_tolerances(
+    tol: float | None, atol: float = 0.0, *, names: tuple[str, str] = ("tol", "atol")
+) -> None:
+    """``ValueError`` unless ``tol`` (when given) and ``atol`` are finite and non-negative.
+
+    ``names``: what the messages call ``tol`` and ``atol`` (e.g. ``("rtol", "atol")``).
+    """
+    for i, (name, value) in enumerate(zip(names, (tol, atol))):
+        if value is None and i == 0:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -276,6 +282,7 @@ _EXPLAIN: dict[Status, tuple[str, str]] = {
     Status.DIVERGED: ("diverged", "the residual grew without bound"),
     Status.UNBOUNDED: ("did not converge", "the problem is unbounded below or not convex"),
     Status.SINGULAR: ("met a singular matrix", "the system has no unique solution"),
+    Status.STALLED: ("stalled", "its iterations can no longer move the iterate"),
 }
 
 

@@ -113,6 +113,7 @@ def _public(algorithm: Callable[..., tuple]) -> Callable[..., Any]:
     ):
         _result.check_on_failure(on_failure)
         sys = _system(matvec, b, init, ridge, M, batched, tol, atol)
+        sys.report_fallbacks = on_failure != "ignore"
         maxiter = _result.check_maxiter(maxiter)
         cap = 10 * sys.shape[1] if maxiter is None else maxiter
         x, method, iters, conv, failures = algorithm(sys, cap, **extra)
@@ -219,7 +220,7 @@ def _direct(sys: FlatSystem, method: str):
         # Symmetry and definiteness cannot be checked under vmap: LU is right in every case.
         x, singular = dense.lu_solve(A, sys.b)
         return x, "lu", None, None, {"singular": singular}
-    x, used, singular = dense.cholesky_or_lu(A, sys.b, warn=True)
+    x, used, singular = dense.cholesky_or_lu(A, sys.b, warn=sys.report_fallbacks)
     return x, used, None, None, {"singular": singular}
 
 

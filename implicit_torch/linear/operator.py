@@ -169,6 +169,9 @@ class FlatSystem:
         apply = op.apply_values if (op.apply_values is not None and self.inspect) else op.apply
         self._apply = apply
         self._residual: tuple[Tensor, Tensor] | None = None
+        # Whether a solver may warn about a fallback it took (Cholesky -> LU): not when the
+        # caller asked for on_failure="ignore".
+        self.report_fallbacks = True
 
     @property
     def shape(self) -> tuple[int, int]:

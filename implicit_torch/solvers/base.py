@@ -264,15 +264,15 @@ class IterativeSolver(DiffFields):
         :class:`~implicit_torch._result.Status` name (as :func:`~implicit_torch._result.
         status_codes` takes them): a failed problem stops, and is reported with
         :meth:`_failure_messages`. By default a state field ``stalled`` is a
-        ``"breakdown"``: the last iteration could not move the iterate."""
+        ``"stalled"``: the last iteration could not move the iterate."""
         stalled = getattr(state, "stalled", None)
-        return {} if stalled is None else {"breakdown": stalled}
+        return {} if stalled is None else {"stalled": stalled}
 
     def _failure_messages(self, state: Any) -> dict[Status, Failure]:
         """What each failure of :meth:`_failures` means: ``(headline, detail, fix)`` by
         status, for :func:`~implicit_torch._result.report`. By default a stall is a line
         search's (:data:`LINE_SEARCH_STALL`)."""
-        return {Status.BREAKDOWN: LINE_SEARCH_STALL}
+        return {Status.STALLED: LINE_SEARCH_STALL}
 
     def _print(self, k: int, carry: tuple) -> None:
         error = float(carry[1].error.detach())

@@ -185,7 +185,7 @@ class GaussNewton(IterativeSolver):
         return OptStep(lin.raveler.unravel(x_new.reshape(1, -1)), new_state)
 
     def _failures(self, state: GaussNewtonState) -> dict[str, Tensor]:
-        return {"singular": state.singular, "breakdown": state.stalled}
+        return {"singular": state.singular, "stalled": state.stalled}
 
     def _failure_messages(self, state: GaussNewtonState) -> dict[Status, Failure]:
         return {
@@ -196,7 +196,7 @@ class GaussNewton(IterativeSolver):
                 "use LevenbergMarquardt (its damping μ·I makes every step well defined), or "
                 "solver='cg' (minimum-norm steps), or a residual that determines x.",
             ),
-            Status.BREAKDOWN: _STEP_STALL,
+            Status.STALLED: _STEP_STALL,
         }
 
     def optimality_fun(self, params: Any, *args: Any) -> Any:

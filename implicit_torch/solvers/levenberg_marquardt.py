@@ -132,7 +132,7 @@ class LevenbergMarquardt(IterativeSolver):
         return OptStep(lin.raveler.unravel(x_new.reshape(1, -1)), new_state)
 
     def _failure_messages(self, state: LevenbergMarquardtState) -> dict[Status, Failure]:
-        return {Status.BREAKDOWN: _STEP_STALL}
+        return {Status.STALLED: _STEP_STALL}
 
     def optimality_fun(self, params: Any, *args: Any) -> Any:
         """``Jᵀr = ∇ₓ ½‖residual_fun(params, *args)‖²``, shaped like ``params``."""

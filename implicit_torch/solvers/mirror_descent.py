@@ -243,7 +243,7 @@ class MirrorDescent(IterativeSolver):
 
     def _failure_messages(self, state: MirrorDescentState) -> dict[Status, Failure]:
         return {
-            Status.BREAKDOWN: (
+            Status.STALLED: (
                 "stalled",
                 f"its step η = {float(state.stepsize):.3g} no longer moves the iterate",
                 "use a step (schedule) that does not vanish.",
