@@ -10,6 +10,7 @@ import torch
 from problems import infeasible_qp as infeasible
 from problems import random_qp
 
+import implicit_torch as it
 from implicit_torch import projection as P
 from implicit_torch._errors import ConvergenceError, ConvergenceWarning
 from implicit_torch.linear import LinearOperator
@@ -401,3 +402,56 @@ def test_equality_qp_singular_kkt_is_reported():
     b = torch.ones(2, dtype=DT)
     with pytest.raises(ConvergenceError, match="did not converge"):
         EqualityConstrainedQP(on_failure="raise").run(None, (Q, torch.zeros(2, dtype=DT)), (A, b))
+
+
+def test_exact_active_set_gives_exact_zeros_on_a_relu_layer():
+    """x* = argmin ½‖x − y‖² s.t. x ≥ 0 is relu(y), with ∂x*/∂y = 1[y > 0] exactly. The
+    interior point's complementarity leaves terms of the size of its last multiplier or slack
+    (issue 14: up to ~1e-6); the frozen active set gives the exact derivative."""
+    g = gen(91)
+    B, n = 8, 6
+    y = torch.randn(B, n, generator=g, dtype=DT, requires_grad=True)
+    Q, G, h = torch.eye(n, dtype=DT), -torch.eye(n, dtype=DT), torch.zeros(n, dtype=DT)
+    exact = (y > 0).to(DT).detach()
+    errors = {}
+    for frozen in (False, True):
+        x = it.nn.QPLayer(exact_active_set=frozen)(Q, -y, G, h)
+        torch.testing.assert_close(x, torch.relu(y), rtol=0, atol=1e-7)
+        (gy,) = torch.autograd.grad(x.sum(), y)
+        errors[frozen] = float((gy - exact).abs().max())
+    assert errors[True] <= 1e-14, errors
+    assert errors[False] > errors[True]  # what the option is for
+
+
+def test_exact_active_set_matches_the_default_gradient_on_a_generic_qp():
+    """Away from degeneracy both backwards give the same gradient (to the forward's accuracy)
+    and the frozen one agrees with central finite differences of the solution."""
+    g = gen(92)
+    n, m = 5, 7
+    L = torch.randn(n, n, generator=g, dtype=DT)
+    Q = L @ L.T + torch.eye(n, dtype=DT)
+    c = torch.randn(n, generator=g, dtype=DT, requires_grad=True)
+    G = torch.randn(m, n, generator=g, dtype=DT)
+    h = (G @ torch.randn(n, generator=g, dtype=DT)).abs() * 0.1
+    w = torch.randn(n, generator=g, dtype=DT)
+    grads = []
+    for frozen in (False, True):
+        x = it.QP(exact_active_set=frozen).run(None, (Q, c), None, (G, h)).params.primal
+        grads.append(torch.autograd.grad((w * x).sum(), c)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
+
+    def solution(cc):
+        return it.QP().run(None, (Q, cc), None, (G, h)).params.primal
+
+    eps = 1e-6
+    fd = torch.stack(
+        [
+            (
+                (w * solution(c.detach() + eps * e)).sum()
+                - (w * solution(c.detach() - eps * e)).sum()
+            )
+            / (2 * eps)
+            for e in torch.eye(n, dtype=DT)
+        ]
+    )
+    torch.testing.assert_close(grads[1], fd, rtol=1e-5, atol=1e-7)

@@ -38,6 +38,10 @@ class QPLayer(nn.Module):
     Args:
         maxiter, tol, on_failure: passed to :class:`~implicit_torch.QP`.
         shared_grad: ``"sum"`` or ``"mean"``, see above.
+        exact_active_set: differentiate with the solution's active set frozen (see
+            :class:`~implicit_torch.QP`): exact zeros where the exact derivative is zero (an
+            inactive ReLU constraint, say), where the interior point's own derivative leaves
+            terms up to ~1e-6, as qpth's and cvxpylayers' do.
     """
 
     def __init__(
@@ -47,8 +51,10 @@ class QPLayer(nn.Module):
         tol: float | None = None,
         on_failure: str = "warn",
         shared_grad: str = "sum",
+        exact_active_set: bool = False,
     ):
         super().__init__()
+        self.exact_active_set = bool(exact_active_set)
         if shared_grad not in ("sum", "mean"):
             raise ValueError(f"QPLayer: shared_grad must be 'sum' or 'mean', got {shared_grad!r}")
         self.shared_grad = shared_grad
@@ -67,7 +73,12 @@ class QPLayer(nn.Module):
             )
         if self.shared_grad == "mean":
             Q, p, G, h, A, b = _mean_shared_grads(Q, p, G, h, A, b)
-        solver = QP(maxiter=self.maxiter, tol=self.tol, on_failure=self.on_failure)
+        solver = QP(
+            maxiter=self.maxiter,
+            tol=self.tol,
+            on_failure=self.on_failure,
+            exact_active_set=self.exact_active_set,
+        )
         params_eq = None if A is None else (A, b)
         solution, self.last_state = solver.run(None, (Q, p), params_eq, (G, h))
         return solution.primal

@@ -182,6 +182,34 @@ def _kkt_residual(z: Tensor, Q, c, A, b, G, h) -> Tensor:
     return torch.cat(out, -1) if len(out) > 1 else out[0]
 
 
+def active_constraints(z: Tensor, c: Tensor, A, G, h) -> Tensor:
+    """Per problem and inequality, whether it is active at ``z``: its multiplier exceeds its
+    slack, ``λᵢ > hᵢ − Gᵢx`` (B, m). Under strict complementarity one of the two is zero at
+    the solution and the other positive, so the test is decided far from rounding."""
+    n = c.shape[-1]
+    p = 0 if A is None else A.shape[-2]
+    x, lam = z[:, :n], z[:, n + p :]
+    return lam > h - _mv(G, x)
+
+
+def _kkt_residual_active_set(z: Tensor, active: Tensor, Q, c, A, b, G, h) -> Tensor:
+    """The KKT residual with the complementarity rows of a known active set: ``Gᵢx − hᵢ`` for
+    an active inequality, ``λᵢ`` for an inactive one (B, n+p+m).
+
+    Zero at a solution with that active set, like :func:`_kkt_residual`; its Jacobian is the
+    reduced KKT system (active constraints held as equalities, inactive multipliers fixed at
+    zero), so its implicit derivatives are those of the QP with the active set frozen: exactly
+    zero for an inactive multiplier and exactly ``Gᵢ dx = dhᵢ`` for an active constraint,
+    where the interior point's own complementarity ``λ ⊙ (Gx − h)`` leaves terms of the size
+    of its last ``λ`` or slack.
+    """
+    n = c.shape[-1]
+    p = 0 if A is None else A.shape[-2]
+    head = _kkt_residual(z, Q, c, A, b, G, h)[:, : n + p]
+    gap = _mv(G, z[:, :n]) - h
+    return torch.cat([head, torch.where(active, gap, z[:, n + p :])], -1)
+
+
 def _kkt_error(z: Tensor, Q, c, A, b, G, h) -> Tensor:
     """Per problem ``‖KKT residual‖∞`` and, with inequalities, ``‖(Gx − h)₊‖∞``: (B,)."""
     error = _kkt_residual(z, Q, c, A, b, G, h).abs().amax(-1)
