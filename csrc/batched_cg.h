@@ -23,35 +23,46 @@
 #include <optional>
 #include <tuple>
 
+#include "py_format.h"
+
 namespace implicit_torch {
 
 // Argument checks shared by the CPU and CUDA kernels; the Python wrapper and the fake kernel
-// apply the same rules (implicit_torch/ops/_reference.py: check_inputs).
+// apply the same rules, in the same order, with the same messages (implicit_torch/ops/
+// _reference.py: check_inputs): values are written as Python writes them (py_format.h), so the
+// raw op raises the same error with and without the extension.
 inline void check_batched_cg_inputs(const at::Tensor& A, const at::Tensor& b,
                                     const std::optional<at::Tensor>& x0, double rtol, double atol,
                                     int64_t maxiter) {
-  TORCH_CHECK_TYPE(A.layout() == at::kStrided, "batched_cg: A must be a dense (strided) tensor");
+  auto check_layout = [](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "batched_cg: ", name,
+                     " must be a dense (strided) tensor, got ", py::layout(t.layout()));
+  };
+  check_layout(A, "A");
+  check_layout(b, "b");
+  if (x0.has_value()) check_layout(*x0, "x0");
   TORCH_CHECK_TYPE(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
-                   "batched_cg: A must be float32 or float64, got ", A.scalar_type());
+                   "batched_cg: A must be float32 or float64, got ", py::dtype(A.scalar_type()));
   TORCH_CHECK_VALUE(A.dim() == 3 && A.size(1) == A.size(2),
-                    "batched_cg: A must have shape (B, n, n), got ", A.sizes());
+                    "batched_cg: A must have shape (B, n, n), got ", py::shape(A.sizes()));
   const int64_t B = A.size(0), n = A.size(1);
   auto check_vector = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "batched_cg: ", name,
-                     " must be a dense (strided) tensor");
     TORCH_CHECK_TYPE(t.scalar_type() == A.scalar_type(), "batched_cg: ", name, " has dtype ",
-                     t.scalar_type(), " but A has ", A.scalar_type(), "; they must match");
+                     py::dtype(t.scalar_type()), " but A has ", py::dtype(A.scalar_type()),
+                     "; they must match");
     TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == B && t.size(1) == n, "batched_cg: ", name,
-                      " must have shape (B, n) = (", B, ", ", n, ") to match A of shape ",
-                      A.sizes(), ", got ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == A.device(), "batched_cg: ", name, " is on ", t.device(),
-                      " but A is on ", A.device(), "; they must match");
+                      " must have shape (B, n) = ", py::shape({B, n}), " to match A of shape ",
+                      py::shape(A.sizes()), ", got ", py::shape(t.sizes()));
+    TORCH_CHECK_VALUE(t.device() == A.device(), "batched_cg: ", name, " is on ",
+                      py::device(t.device()), " but A is on ", py::device(A.device()),
+                      "; they must match");
   };
   check_vector(b, "b");
   if (x0.has_value()) check_vector(*x0, "x0");
-  TORCH_CHECK_VALUE(std::isfinite(rtol) && std::isfinite(atol) && rtol >= 0 && atol >= 0,
-                    "batched_cg: rtol and atol must be finite and non-negative, got rtol=", rtol,
-                    ", atol=", atol);
+  TORCH_CHECK_VALUE(std::isfinite(rtol) && rtol >= 0,
+                    "batched_cg: rtol must be finite and non-negative, got ", py::real(rtol));
+  TORCH_CHECK_VALUE(std::isfinite(atol) && atol >= 0,
+                    "batched_cg: atol must be finite and non-negative, got ", py::real(atol));
   TORCH_CHECK_VALUE(maxiter >= 0, "batched_cg: maxiter must be non-negative, got ", maxiter);
 }
 

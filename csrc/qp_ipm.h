@@ -33,20 +33,28 @@
 #include <initializer_list>
 #include <tuple>
 
+#include "py_format.h"
+
 namespace implicit_torch {
 
 // Argument checks; implicit_torch/ops/_qp_reference.py (check_qp_ipm_inputs) applies the same
-// rules for the fake kernel and the pure-PyTorch kernel.
+// rules, in the same order, with the same messages (values written as Python writes them:
+// py_format.h) for the fake kernel and the pure-PyTorch kernel.
 inline void check_qp_ipm_input(const at::Tensor& t, const char* name, const at::Tensor& K,
                                std::initializer_list<int64_t> shape) {
   TORCH_CHECK_TYPE(t.layout() == at::kStrided, "qp_ipm: ", name,
-                   " must be a dense (strided) tensor");
+                   " must be a dense (strided) tensor, got ", py::layout(t.layout()));
   TORCH_CHECK_TYPE(t.scalar_type() == K.scalar_type(), "qp_ipm: ", name, " has dtype ",
-                   t.scalar_type(), " but K has ", K.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == K.device(), "qp_ipm: ", name, " is on ", t.device(),
-                    " but K is on ", K.device());
+                   py::dtype(t.scalar_type()), " but K has ", py::dtype(K.scalar_type()));
+  TORCH_CHECK_VALUE(t.device() == K.device(), "qp_ipm: ", name, " is on ", py::device(t.device()),
+                    " but K is on ", py::device(K.device()));
   TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), "qp_ipm: ", name, " must have shape ",
-                    at::IntArrayRef(shape), ", got ", t.sizes());
+                    py::shape(shape), ", got ", py::shape(t.sizes()));
+}
+
+inline void check_qp_ipm_tolerance(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value) && value >= 0, "qp_ipm: ", name,
+                    " must be finite and non-negative, got ", py::real(value));
 }
 
 inline void check_qp_ipm_inputs(const at::Tensor& K, const at::Tensor& q, const at::Tensor& M1,
@@ -54,7 +62,7 @@ inline void check_qp_ipm_inputs(const at::Tensor& K, const at::Tensor& q, const 
                                 int64_t maxiter, double tol, double acceptable_tol,
                                 int64_t patience) {
   TORCH_CHECK_TYPE(K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble,
-                   "qp_ipm: the data must be float32 or float64, got ", K.scalar_type());
+                   "qp_ipm: the data must be float32 or float64, got ", py::dtype(K.scalar_type()));
   TORCH_CHECK_VALUE(K.dim() == 3 && M1.dim() == 3 && W.dim() == 3 && nGt.dim() == 3,
                     "qp_ipm: K, M1, W and nGt must be batched matrices (3-d)");
   const int64_t B = K.size(0), N = K.size(1), n = M1.size(1), k = W.size(1), m = nGt.size(2);
@@ -67,10 +75,10 @@ inline void check_qp_ipm_inputs(const at::Tensor& K, const at::Tensor& q, const 
   check_qp_ipm_input(W, "W", K, {B, k, k});
   check_qp_ipm_input(T, "T", K, {B, k, n + k + m});
   check_qp_ipm_input(nGt, "nGt", K, {B, n, m});
-  TORCH_CHECK_VALUE(maxiter >= 0 && patience >= 1, "qp_ipm: need maxiter >= 0 and patience >= 1");
-  TORCH_CHECK_VALUE(std::isfinite(tol) && std::isfinite(acceptable_tol) && tol >= 0 &&
-                        acceptable_tol >= 0,
-                    "qp_ipm: tol and acceptable_tol must be finite and non-negative");
+  TORCH_CHECK_VALUE(maxiter >= 0, "qp_ipm: maxiter must be non-negative, got ", maxiter);
+  TORCH_CHECK_VALUE(patience >= 1, "qp_ipm: patience must be at least 1, got ", patience);
+  check_qp_ipm_tolerance(tol, "tol");
+  check_qp_ipm_tolerance(acceptable_tol, "acceptable_tol");
 }
 
 // The CPU kernel (csrc/cpu/qp_ipm_cpu.cpp): problems in parallel, each solved to its own stop.

@@ -428,6 +428,115 @@ def test_devices_must_match():
         op(_A, _b.to("meta"), None, 1e-6, 0.0, 10)
 
 
+# The raw op's messages, as Python writes the values (dtypes, tuples, float repr), whichever
+# kernel serves it: the compiled one and the pure-PyTorch one raise the same text (issue 13).
+_A2 = torch.eye(3, dtype=f64).expand(2, 3, 3).contiguous()
+_b2 = torch.ones(2, 3, dtype=f64)
+MESSAGES = {
+    "int dtype": (
+        (_A2.long(), _b2.long(), None, 1e-6, 0.0, 10),
+        TypeError,
+        "batched_cg: A must be float32 or float64, got torch.int64",
+    ),
+    "A shape": (
+        (torch.ones(3, 4, 5, dtype=f64), _b2, None, 1e-6, 0.0, 10),
+        ValueError,
+        "batched_cg: A must have shape (B, n, n), got (3, 4, 5)",
+    ),
+    "b 1-d": (
+        (_A2, torch.ones(2, dtype=f64), None, 1e-6, 0.0, 10),
+        ValueError,
+        "batched_cg: b must have shape (B, n) = (2, 3) to match A of shape (2, 3, 3), got (2,)",
+    ),
+    "x0 dtype": (
+        (_A2, _b2, _b2.float(), 1e-6, 0.0, 10),
+        TypeError,
+        "batched_cg: x0 has dtype torch.float32 but A has torch.float64; they must match",
+    ),
+    "nan rtol": (
+        (_A2, _b2, None, math.nan, 0.0, 10),
+        ValueError,
+        "batched_cg: rtol must be finite and non-negative, got nan",
+    ),
+    "inf atol": (
+        (_A2, _b2, None, 1e-6, math.inf, 10),
+        ValueError,
+        "batched_cg: atol must be finite and non-negative, got inf",
+    ),
+    "negative maxiter": (
+        (_A2, _b2, None, 1e-6, 0.0, -3),
+        ValueError,
+        "batched_cg: maxiter must be non-negative, got -3",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MESSAGES))
+@pytest.mark.parametrize("fn", [op, batched_cg_reference], ids=["op", "reference"])
+def test_raw_op_messages_write_values_as_python_does(fn, case):
+    args, error, message = MESSAGES[case]
+    with pytest.raises(error) as caught:
+        fn(*args)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [-1.0, -2.5, -1e-06, -1e-05, -0.0001, -0.1, -1 / 3, -1e15, -1e16, -1.5e16, -123456.789,
+     -9007199254740993.0, -1e-300, -5e-324, -1.7976931348623157e308, -1e22, -math.inf],
+)  # fmt: skip
+def test_raw_op_writes_a_bad_tolerance_as_python_s_repr(value):
+    # The compiled kernel formats doubles itself (shortest round trip, Python's layout).
+    for fn in (op, batched_cg_reference):
+        with pytest.raises(ValueError) as caught:
+            fn(_A2, _b2, None, 1e-6, value, 10)
+        assert (
+            str(caught.value) == f"batched_cg: atol must be finite and non-negative, got {value!r}"
+        )
+
+
+@pytest.mark.parametrize(
+    "kw, error, message",
+    [
+        ({"maxiter": 2.5}, TypeError, "batched_cg: maxiter must be an integer, got float"),
+        ({"maxiter": True}, TypeError, "batched_cg: maxiter must be an integer, got bool"),
+        ({"maxiter": -1}, ValueError, "batched_cg: maxiter must be non-negative, got -1"),
+        ({"rtol": "1e-3"}, TypeError, "batched_cg: rtol must be a number, got str"),
+        ({"rtol": None}, TypeError, "batched_cg: rtol must be a number, got NoneType"),
+        ({"atol": None}, TypeError, "batched_cg: atol must be a number, got NoneType"),
+        (
+            {"rtol": math.nan},
+            ValueError,
+            "batched_cg: rtol must be finite and non-negative, got nan",
+        ),
+        (
+            {"atol": -1e-9},
+            ValueError,
+            "batched_cg: atol must be finite and non-negative, got -1e-09",
+        ),
+        (
+            {"rtol": torch.tensor(-1.0)},
+            ValueError,
+            "rtol must be finite and non-negative, got -1.0",
+        ),
+        ({"maxiter": torch.tensor(2.5)}, TypeError, "maxiter must be an integer, got float"),
+        ({"rtol": torch.ones(2)}, TypeError, "batched_cg: rtol must be a number, got Tensor"),
+    ],
+)
+def test_wrapper_checks_its_options_with_the_core_rules(kw, error, message):
+    with pytest.raises(error) as caught:
+        ops.batched_cg(_A2, _b2, **kw)
+    assert str(caught.value).endswith(message)
+
+
+def test_wrapper_takes_0d_tensor_options_as_numbers():
+    x, info = ops.batched_cg(
+        2 * _A2, _b2, rtol=torch.tensor(1e-12), atol=torch.tensor(0.0), maxiter=torch.tensor(5)
+    )
+    torch.testing.assert_close(x, _b2 / 2, rtol=1e-12, atol=0)
+    assert bool(info.converged.all())
+
+
 @cuda
 @needs_gpu
 def test_devices_must_match_cuda():

@@ -160,6 +160,108 @@ def test_bad_input_raises_clear_errors(index, value, match):
         qp_ipm_reference(*args)
 
 
+def _bad(index, value):
+    """kernel_args(ipm_for(6)) (B=3, n=4, m=5, p=0: N=9, k=5) with argument ``index`` changed;
+    ``value`` is the new argument or a function of the old one."""
+
+    def make():
+        args = list(kernel_args(ipm_for(6)))
+        args[index] = value(args[index]) if callable(value) else value
+        return args
+
+    return make
+
+
+def _all_long():
+    return [a.long() if isinstance(a, torch.Tensor) else a for a in kernel_args(ipm_for(6))]
+
+
+# case -> (arguments, the error, its message: values as Python writes them)
+BAD_QP = {
+    "int-dtype": (
+        _all_long,
+        TypeError,
+        "qp_ipm: the data must be float32 or float64, got torch.int64",
+    ),
+    "q-shape": (
+        _bad(1, torch.zeros(3, 7, dtype=DT)),
+        ValueError,
+        "qp_ipm: q must have shape (3, 9), got (3, 7)",
+    ),
+    "q-1d": (
+        _bad(1, torch.zeros(3, dtype=DT)),
+        ValueError,
+        "qp_ipm: q must have shape (3, 9), got (3,)",
+    ),
+    "W-dtype": (
+        _bad(3, lambda W: W.float()),
+        TypeError,
+        "qp_ipm: W has dtype torch.float32 but K has torch.float64",
+    ),
+    "T-shape": (
+        _bad(4, lambda T: T[:, :, :-1]),
+        ValueError,
+        "qp_ipm: T must have shape (3, 5, 14), got (3, 5, 13)",
+    ),
+    "M1-2d": (
+        _bad(2, lambda M1: M1[0]),
+        ValueError,
+        "qp_ipm: K, M1, W and nGt must be batched matrices (3-d)",
+    ),
+    "no-inequality": (
+        _bad(5, lambda nGt: nGt[:, :, :0]),
+        ValueError,
+        "qp_ipm: inconsistent sizes: N=9, n=4, k=5, m=0",
+    ),
+    "negative-maxiter": (_bad(6, -1), ValueError, "qp_ipm: maxiter must be non-negative, got -1"),
+    "patience-0": (_bad(9, 0), ValueError, "qp_ipm: patience must be at least 1, got 0"),
+    "nan-tol": (
+        _bad(7, float("nan")),
+        ValueError,
+        "qp_ipm: tol must be finite and non-negative, got nan",
+    ),
+    "negative-tol": (
+        _bad(7, -1e-300),
+        ValueError,
+        "qp_ipm: tol must be finite and non-negative, got -1e-300",
+    ),
+    "inf-acceptable-tol": (
+        _bad(8, float("inf")),
+        ValueError,
+        "qp_ipm: acceptable_tol must be finite and non-negative, got inf",
+    ),
+    "negative-acceptable-tol": (
+        _bad(8, -2.0),
+        ValueError,
+        "qp_ipm: acceptable_tol must be finite and non-negative, got -2.0",
+    ),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(BAD_QP))
+def test_bad_inputs_give_the_same_error_and_message_with_and_without_the_kernel(case):
+    # The compiled kernel's TORCH_CHECKs (csrc/qp_ipm.h) and the pure-PyTorch kernel's checks
+    # (ops/_qp_reference.py): the same exception type and the same text (issue 13).
+    args = BAD_QP[case][0]()
+    with pytest.raises((TypeError, ValueError)) as compiled:
+        op(*args)
+    with pytest.raises((TypeError, ValueError)) as reference:
+        qp_ipm_reference(*args)
+    assert compiled.type is reference.type
+    assert str(compiled.value) == str(reference.value)
+
+
+@pytest.mark.parametrize("case", list(BAD_QP))
+def test_bad_input_messages_write_values_as_python_does(case):
+    # Whichever kernel serves the op (CI runs this file with and without the extension).
+    make, error, message = BAD_QP[case]
+    for fn in (op, qp_ipm_reference):
+        with pytest.raises(error) as caught:
+            fn(*make())
+        assert str(caught.value) == message
+
+
 @needs_kernel
 def test_singular_q_is_reported_by_both_paths(monkeypatch):
     # A linear program (Q = 0) is outside the interior point's assumptions (Qₛ definite): both

@@ -18,8 +18,11 @@ kernel; its outputs are not differentiable (QP differentiates its solution impli
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from implicit_torch import _result
 from implicit_torch._result import SolveInfo, status_codes
 from implicit_torch.ops import _registration
 from implicit_torch.ops._reference import batched_cg_reference, check_inputs, default_maxiter
@@ -54,6 +57,38 @@ def extension_available(device: str | torch.device | None = None) -> bool:
     if device is None:
         return True
     return torch.device(device).type.upper() in _registration.COMPILED_BACKENDS
+
+
+def _number(value):
+    """A 0-d tensor option as the Python number it holds (then checked like any number)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    return value
+
+
+def _check_options(rtol, atol, maxiter):
+    """``(rtol, atol, maxiter)`` checked by the package's core rules
+    (:func:`~implicit_torch._result.check_tolerances`, :func:`~implicit_torch._result.
+    check_maxiter`), as every solver checks its options; errors name the option."""
+    rtol, atol, maxiter = _number(rtol), _number(atol), _number(maxiter)
+    try:
+        if rtol is None:  # the core's tol=None means "the default"; batched_cg has no such rtol
+            raise TypeError("rtol must be a number, got NoneType")
+        if torch.compiler.is_compiling():
+            # torch.compile traces a number passed to the compiled function as a symbolic
+            # number, which the core's math.isfinite cannot take: the same rules, as
+            # comparisons that trace (check_inputs repeats the value rules for the raw op).
+            for name, value in (("rtol", rtol), ("atol", atol)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+                if not (value >= 0 and value != math.inf):
+                    raise ValueError(f"{name} must be finite and non-negative, got {value}")
+        else:
+            _result.check_tolerances(rtol, atol, names=("rtol", "atol"))
+        maxiter = _result.check_maxiter(maxiter)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"batched_cg: {exc}") from None
+    return rtol, atol, maxiter
 
 
 def batched_cg(
@@ -97,10 +132,16 @@ def batched_cg(
         options).
 
     Raises:
-        TypeError: a non-tensor, a non-float dtype or mixed dtypes.
+        TypeError: a non-tensor, a non-float dtype or mixed dtypes; a tolerance that is not a
+            number (a 0-d tensor is taken as the number it holds), a ``maxiter`` that is not
+            an integer (``2.5``, ``True``).
         ValueError: shapes that do not match ``(B, n, n)`` / ``(B, n)``, tensors on different
             devices, negative or non-finite tolerances, a negative ``maxiter``.
+
+    The options are checked as every solver of the package checks its own
+    (``implicit_torch._result.check_tolerances`` / ``check_maxiter``).
     """
+    rtol, atol, maxiter = _check_options(rtol, atol, maxiter)
     if maxiter is None:
         maxiter = default_maxiter(A.shape[-1] if isinstance(A, torch.Tensor) else 0)
     check_inputs(A, b, x0, rtol, atol, maxiter)

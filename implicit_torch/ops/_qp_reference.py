@@ -35,8 +35,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 def check_qp_ipm_inputs(K, q, M1, W, T, nGt, maxiter, tol, acceptable_tol, patience) -> None:
     """Raise ``TypeError`` / ``ValueError`` (naming the argument) for inputs the op rejects.
 
-    The same rules as ``check_qp_ipm_inputs`` in ``csrc/qp_ipm.h``, for the fake kernel and
-    the pure-PyTorch kernel; the arguments are those of :func:`qp_ipm_reference`.
+    The same rules as ``check_qp_ipm_inputs`` in ``csrc/qp_ipm.h``, checked in the same order
+    and with the same messages (values written as Python writes them: ``torch.int64``,
+    ``(3, 9)``, ``1e-06``), so that the raw op raises the same error with and without the
+    compiled extension; for the fake kernel and the pure-PyTorch kernel. The arguments are
+    those of :func:`qp_ipm_reference`.
     """
     tensors = {"K": K, "q": q, "M1": M1, "W": W, "T": T, "nGt": nGt}
     for name, t in tensors.items():
@@ -59,19 +62,22 @@ def check_qp_ipm_inputs(K, q, M1, W, T, nGt, maxiter, tol, acceptable_tol, patie
     }
     for name, t in tensors.items():
         if t.layout != torch.strided:
-            raise TypeError(f"qp_ipm: {name} must be a dense (strided) tensor")
+            raise TypeError(f"qp_ipm: {name} must be a dense (strided) tensor, got {t.layout}")
         if t.dtype != K.dtype:
             raise TypeError(f"qp_ipm: {name} has dtype {t.dtype} but K has {K.dtype}")
         if t.device != K.device:
             raise ValueError(f"qp_ipm: {name} is on {t.device} but K is on {K.device}")
         if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"qp_ipm: {name} must have shape {shapes[name]}, got {tuple(t.shape)}")
+    if maxiter < 0:
+        raise ValueError(f"qp_ipm: maxiter must be non-negative, got {maxiter}")
+    if patience < 1:
+        raise ValueError(f"qp_ipm: patience must be at least 1, got {patience}")
+    for name, value in (("tol", tol), ("acceptable_tol", acceptable_tol)):
+        if not (math.isfinite(value) and value >= 0):
             raise ValueError(
-                f"qp_ipm: {name} must have shape {list(shapes[name])}, got {list(t.shape)}"
+                f"qp_ipm: {name} must be finite and non-negative, got {float(value)!r}"
             )
-    if maxiter < 0 or patience < 1:
-        raise ValueError("qp_ipm: need maxiter >= 0 and patience >= 1")
-    if not (math.isfinite(tol) and math.isfinite(acceptable_tol)) or tol < 0 or acceptable_tol < 0:
-        raise ValueError("qp_ipm: tol and acceptable_tol must be finite and non-negative")
 
 
 def qp_ipm_reference(

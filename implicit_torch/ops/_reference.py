@@ -21,6 +21,8 @@ has stopped (see :mod:`implicit_torch._runtime`), so the function also runs, mas
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from implicit_torch import _runtime
@@ -42,12 +44,15 @@ def check_inputs(
 ) -> None:
     """Raise ``TypeError`` / ``ValueError`` (naming the argument) for inputs the op rejects.
 
-    The same rules are enforced by ``TORCH_CHECK`` in ``csrc/batched_cg.h``; this
-    Python copy serves the public wrapper, the fake kernel and the Python-registered kernel.
+    The same rules as ``check_batched_cg_inputs`` in ``csrc/batched_cg.h``, checked in the
+    same order and with the same messages (values written as Python writes them:
+    ``torch.int64``, ``(3, 4, 5)``, ``1e-06``), so that the raw op raises the same error with
+    and without the compiled extension; for the fake kernel and the Python-registered kernel.
+    The options are checked by value only: the op's schema makes them a float and an int (the
+    public wrapper checks their types first, with the package's core checks).
     """
-    for name, t in (("A", A), ("b", b), ("x0", x0)):
-        if t is None and name == "x0":
-            continue
+    tensors = [("A", A), ("b", b)] + ([] if x0 is None else [("x0", x0)])
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"batched_cg: {name} must be a tensor, got {type(t).__name__}")
         if t.layout != torch.strided:
@@ -57,9 +62,7 @@ def check_inputs(
     if A.dim() != 3 or A.shape[1] != A.shape[2]:
         raise ValueError(f"batched_cg: A must have shape (B, n, n), got {tuple(A.shape)}")
     B, n = A.shape[0], A.shape[1]
-    for name, t in (("b", b), ("x0", x0)):
-        if t is None:
-            continue
+    for name, t in tensors[1:]:
         if t.dtype != A.dtype:
             raise TypeError(
                 f"batched_cg: {name} has dtype {t.dtype} but A has {A.dtype}; they must match"
@@ -73,11 +76,12 @@ def check_inputs(
             raise ValueError(
                 f"batched_cg: {name} is on {t.device} but A is on {A.device}; they must match"
             )
-    if not (rtol >= 0 and atol >= 0) or rtol == float("inf") or atol == float("inf"):
-        raise ValueError(
-            f"batched_cg: rtol and atol must be finite and non-negative, got rtol={rtol}, "
-            f"atol={atol}"
-        )
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        # comparisons, not math.isfinite: they also take a 0-d tensor and a symbolic float
+        if not (value >= 0 and value != math.inf):
+            raise ValueError(
+                f"batched_cg: {name} must be finite and non-negative, got {float(value)!r}"
+            )
     if maxiter < 0:
         raise ValueError(f"batched_cg: maxiter must be non-negative, got {maxiter}")
 
