@@ -774,3 +774,34 @@ def test_qplayer_shared_grad_mean_is_qpths_convention():
         torch.testing.assert_close(mean, expected)
     with pytest.raises(ValueError, match="shared_grad"):
         QPLayer(shared_grad="avg")
+
+
+def test_a_failed_step_does_not_poison_later_warm_starts():
+    """Issue 13: a NaN solution was kept as the next initial guess, so every later clean call
+    of a warm-started layer returned NaN until reset_warm_start()."""
+
+    class Iterative(ImplicitLayer):  # gradient descent from init: the guess matters
+        def solve_forward(self, init, X, y):
+            w = torch.zeros(X.shape[1], dtype=X.dtype) if init is None else init
+            step = 1.0 / (X**2).sum()  # ≤ 1/‖X‖₂²: a safe step (no SVD, NaN-tolerant)
+            for _ in range(2000):
+                w = w - step * self.optimality(w, X, y)
+            return w
+
+        def optimality(self, w, X, y):
+            return X.T @ (X @ w - y) + 0.1 * w
+
+    X, y = data()
+    for layer in (
+        Iterative(warm_start=True),
+        DEQ(Cell(5), tol=1e-10, maxiter=200, warm_start=True),
+    ):
+        args = (X, y) if isinstance(layer, Iterative) else (X[:4],)
+        bad = tuple(torch.full_like(a, float("nan")) for a in args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert not bool(torch.isfinite(layer(*bad)).all())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", it.ConvergenceWarning)
+            clean = layer(*args)
+        assert bool(torch.isfinite(clean).all()), type(layer).__name__
