@@ -688,7 +688,7 @@ def test_deq_backward_budget_follows_the_forward():
     deq = DEQ(_expanding_cell(), maxiter=7, tol=1e-12)
     assert deq.backward_maxiter == 14
     solve = deq.adjoint.solve
-    assert solve.keywords == {"maxiter": 14} and solve.func is it.solve_gmres
+    assert solve.keywords == {"maxiter": 14, "on_failure": "warn"} and solve.func is it.solve_gmres
     assert DEQ(Cell(4), maxiter=7, backward_maxiter=3).adjoint.solve.keywords["maxiter"] == 3
     # A callable of the user's is left alone.
     mine = functools.partial(it.solve_gmres, maxiter=500)

@@ -80,7 +80,8 @@ class DEQ(ImplicitLayer):
         z_shape: ``x -> shape of z``; default: ``x``'s shape.
         forward_solver: ``"anderson"``, ``"broyden"`` or ``"fixed_point"``. (Named apart
             from the adjoint's linear ``solve``, which inverts ``I − ∂_z f`` in the backward.)
-        maxiter, tol, on_failure: of the forward solver. ``tol`` bounds the forward solver's
+        maxiter, tol, on_failure: of the forward solver (``on_failure`` also of the backward's
+            named linear solver). ``tol`` bounds the forward solver's
             error (see the solver's ``error``; for the fixed-point solvers
             ``‖f(z, x) − z‖``, absolute, over the whole batch).
         backward_maxiter: iterations of the backward linear solve; default ``2 · maxiter``.
@@ -126,7 +127,8 @@ class DEQ(ImplicitLayer):
                 f"contractive, or use PhantomAdjoint for a cheap approximate gradient."
             )
         )
-        adjoint = _budgeted(ImplicitAdjoint() if adjoint is None else adjoint, budget)
+        on_failure = check_on_failure(on_failure)
+        adjoint = _budgeted(ImplicitAdjoint() if adjoint is None else adjoint, budget, on_failure)
         super().__init__(adjoint=adjoint, warm_start=warm_start)
         self.failures = failures
         self.f = f
@@ -188,14 +190,15 @@ class DEQ(ImplicitLayer):
         )
 
 
-def _budgeted(adjoint: Adjoint, budget: int) -> Adjoint:
+def _budgeted(adjoint: Adjoint, budget: int, on_failure: str) -> Adjoint:
     """An :class:`ImplicitAdjoint` whose solver is named (or the default GMRES) gets
-    ``maxiter=budget``; anything else is returned as it is."""
+    ``maxiter=budget`` and the layer's ``on_failure``; anything else is returned as it is."""
     if not isinstance(adjoint, ImplicitAdjoint):
         return adjoint
     solve = DEQ.default_solve if adjoint.solve is None else adjoint.solve
     if isinstance(solve, str) or (is_builtin(solve) and not isinstance(solve, functools.partial)):
         return dataclasses.replace(
-            adjoint, solve=functools.partial(get_solver(solve), maxiter=budget)
+            adjoint,
+            solve=functools.partial(get_solver(solve), maxiter=budget, on_failure=on_failure),
         )
     return adjoint
